@@ -1,0 +1,71 @@
+"""Shared fixtures: everything is built in-process, tiny, offline (no hub, no ../shared needed)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_MEDMCQA = PROJECT_ROOT.parent / "shared" / "medmcqa"
+
+
+def example_rows(n: int = 40) -> list[dict]:
+    """MedMCQA-shaped rows for fixtures (hub schema), varied enough to train a tokenizer on."""
+    drugs = ["Quinine", "Aspirin", "Digoxin", "Isoniazid", "Warfarin", "Lithium", "Metformin", "Atropine"]
+    effects = [
+        "cinchonism",
+        "Reye syndrome",
+        "xanthopsia",
+        "neuropathy",
+        "purple toe",
+        "tremor",
+        "lactic acidosis",
+    ]
+    rows = []
+    for i in range(n):
+        options = [drugs[(i + k) % len(drugs)] for k in range(4)]
+        rows.append(
+            {
+                "id": f"fixture-{i:04d}",
+                "question": f"Which drug causes {effects[i % len(effects)]}?",
+                "opa": options[0],
+                "opb": options[1],
+                "opc": options[2],
+                "opd": options[3],
+                "cop": i % 4,
+                "choice_type": "single",
+                "exp": None
+                if i % 3 == 0
+                else f"{options[i % 4]} is known to cause {effects[i % len(effects)]}.",
+                "subject_name": ["Pharmacology", "Medicine"][i % 2],
+                "topic_name": None,
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory) -> Path:
+    """A tiny NemotronH base model directory, built once per session through the `model` stage's verb."""
+    from medlora.config import ModelConfig
+    from medlora.modeling import build_base_model
+
+    out = tmp_path_factory.mktemp("base") / "base_model"
+    build_base_model(ModelConfig(), example_rows(200), out)
+    return out
+
+
+@pytest.fixture
+def shared_medmcqa() -> Path:
+    """../shared/medmcqa (real rows); skips when absent, as on a fresh clone elsewhere."""
+    if not SHARED_MEDMCQA.is_dir():
+        pytest.skip("../shared/medmcqa is not present")
+    return SHARED_MEDMCQA
