@@ -42,9 +42,7 @@ def example_rows(n: int = 40) -> list[dict]:
                 "opd": options[3],
                 "cop": i % 4,
                 "choice_type": "single",
-                "exp": None
-                if i % 3 == 0
-                else f"{options[i % 4]} is known to cause {effects[i % len(effects)]}.",
+                "exp": None if i % 3 == 0 else f"{options[i % 4]} is known to cause {effects[i % len(effects)]}.",
                 "subject_name": ["Pharmacology", "Medicine"][i % 2],
                 "topic_name": None,
             }

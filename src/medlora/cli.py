@@ -47,12 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="default: snapshot.source in params",
     )
-    snapshot.add_argument(
-        "--path", default=None, help="original: directory with train.json/dev.json/test.json"
-    )
-    snapshot.add_argument(
-        "--revision", default=None, help="hub: dataset revision (default: snapshot.revision)"
-    )
+    snapshot.add_argument("--path", default=None, help="original: directory with train.json/dev.json/test.json")
+    snapshot.add_argument("--revision", default=None, help="hub: dataset revision (default: snapshot.revision)")
     snapshot.add_argument("--no-dvc", action="store_true", help="write the files without `dvc add`")
 
     commands.add_parser("restore", help="restore data/medmcqa to what data.dvc records (cache or regenerate)")

@@ -175,9 +175,7 @@ class Params:
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, the form MLflow params and `dvc exp run -S` use."""
         return {
-            f"{section}.{key}": value
-            for section, values in self.to_dict().items()
-            for key, value in values.items()
+            f"{section}.{key}": value for section, values in self.to_dict().items() for key, value in values.items()
         }
 
     def params_hash(self) -> str:

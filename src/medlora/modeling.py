@@ -47,15 +47,11 @@ def resolve_name_or_path(config: ModelConfig) -> tuple[str, str | None]:
     preset = get_preset(config.preset)
     name = config.name_or_path or preset.hub_id
     if not name:
-        raise ValueError(
-            f"model.preset {config.preset!r} needs model.name_or_path (a hub id or a local directory)"
-        )
+        raise ValueError(f"model.preset {config.preset!r} needs model.name_or_path (a hub id or a local directory)")
     return name, config.revision or preset.revision
 
 
-def build_base_model(
-    config: ModelConfig, train_rows: list[dict[str, Any]], out_dir: str | Path
-) -> dict[str, Any]:
+def build_base_model(config: ModelConfig, train_rows: list[dict[str, Any]], out_dir: str | Path) -> dict[str, Any]:
     """Write the base model directory for `config.preset`; returns the reference written to medlora_base.json."""
     import torch
 
@@ -127,9 +123,7 @@ def torch_dtype_of(name: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_base_model(
-    base_dir: str | Path, torch_dtype: str | None = None, device_map: Any = None
-) -> tuple[Any, Any]:
+def load_base_model(base_dir: str | Path, torch_dtype: str | None = None, device_map: Any = None) -> tuple[Any, Any]:
     """(model, tokenizer) for the base in `base_dir`, through `from_pretrained` for every preset."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -138,9 +132,7 @@ def load_base_model(
     dtype = torch_dtype_of(torch_dtype or reference["torch_dtype"])
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            location, revision=revision, dtype=dtype, device_map=device_map
-        )
+        model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=dtype, device_map=device_map)
     except OSError as error:
         raise BaseModelUnavailable(f"cannot load base weights from {location}@{revision}: {error}") from error
     return model, tokenizer

@@ -63,15 +63,11 @@ def read_jsonl_rows(path: str | Path, required: tuple[str, ...] = COLUMNS) -> li
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as error:
-            raise SnapshotParseError(
-                path, number, f"bytes that are not UTF-8 at column {error.start + 1}"
-            ) from None
+            raise SnapshotParseError(path, number, f"bytes that are not UTF-8 at column {error.start + 1}") from None
         try:
             row = json.loads(text)
         except json.JSONDecodeError as error:
-            raise SnapshotParseError(
-                path, number, f"not valid JSON ({error.msg} at column {error.colno})"
-            ) from None
+            raise SnapshotParseError(path, number, f"not valid JSON ({error.msg} at column {error.colno})") from None
         if not isinstance(row, dict):
             raise SnapshotParseError(path, number, f"expected a JSON object, got {type(row).__name__}")
         missing = [column for column in required if column not in row]
