@@ -1,0 +1,70 @@
+"""params.yaml: every shipped params file loads; unknown keys and wrong types fail naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medlora.config import ConfigError, Params, load_params, parse_params
+from tests.conftest import PROJECT_ROOT
+
+SHIPPED_PARAMS = sorted([PROJECT_ROOT / "params.yaml", *(PROJECT_ROOT / "configs").glob("*.yaml")])
+
+
+@pytest.mark.parametrize("path", SHIPPED_PARAMS, ids=lambda p: p.name)
+def test_every_shipped_params_file_loads(path: Path):
+    params = load_params(path)
+    assert isinstance(params, Params)
+    # Every key in the file made it into the typed object (nothing silently dropped).
+    raw = yaml.safe_load(path.read_text())
+    for section, values in raw.items():
+        for key, value in (values or {}).items():
+            parsed = getattr(getattr(params, section), key)
+            assert parsed == (tuple(value) if isinstance(value, list) else value), f"{section}.{key}"
+
+
+def test_misspelled_key_is_named():
+    with pytest.raises(ConfigError, match=r"train: unknown key 'learning_rat'"):
+        parse_params({"train": {"learning_rat": 1e-4}}, "params.yaml")
+
+
+def test_unknown_section_is_named():
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'"):
+        parse_params({"trian": {}})
+
+
+def test_wrong_type_is_named_with_file():
+    with pytest.raises(ConfigError, match=r"custom.yaml: lora.r: expected an integer, got 'sixteen'"):
+        parse_params({"lora": {"r": "sixteen"}}, "custom.yaml")
+
+
+def test_literal_values_are_checked():
+    with pytest.raises(ConfigError, match=r"train.backend: 'tensorflow' is not one of"):
+        parse_params({"train": {"backend": "tensorflow"}})
+
+
+def test_int_is_accepted_where_float_expected_and_lists_become_tuples():
+    params = parse_params({"train": {"learning_rate": 1}, "lora": {"target_modules": ["q_proj"]}})
+    assert params.train.learning_rate == 1.0 and isinstance(params.train.learning_rate, float)
+    assert params.lora.target_modules == ("q_proj",)
+
+
+def test_params_are_frozen():
+    params = parse_params({})
+    with pytest.raises(AttributeError):
+        params.train.learning_rate = 1.0  # type: ignore[misc]
+
+
+def test_params_hash_changes_with_any_value_and_flat_names_match_dvc():
+    base = parse_params({})
+    changed = parse_params({"lora": {"r": 8}})
+    assert base.params_hash() != changed.params_hash()
+    assert base.params_hash() == parse_params({}).params_hash()
+    assert changed.flat()["lora.r"] == 8
+
+
+def test_missing_params_file_says_where(tmp_path):
+    with pytest.raises(ConfigError, match="no such params file"):
+        load_params(tmp_path / "params.yaml")
