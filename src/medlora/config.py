@@ -54,7 +54,7 @@ class SnapshotConfig:
 @dataclass(frozen=True)
 class ValidateConfig:
     on_error: Literal["fail", "quarantine"] = "quarantine"
-    question_min_chars: int = 10
+    question_min_chars: int = 5
     question_max_chars: int = 2000
     option_max_chars: int = 500
 
@@ -113,7 +113,7 @@ class TrainConfig:
     save_total_limit: int = 2
     bf16: bool = False
     gradient_checkpointing: bool = False
-    group_by_length: bool = True
+    train_sampling_strategy: Literal["group_by_length", "random", "sequential"] = "group_by_length"
     max_grad_norm: float = 1.0
     seed: int = 42
     loss_explosion_factor: float = 10.0

@@ -19,11 +19,12 @@ from typing import Any
 
 from medlora.config import ModelConfig
 from medlora.io import atomic_directory, read_json, write_json
-from medlora.presets import TINY_VOCAB, directory_hash, get_preset, tiny_nemotron_h_config
+from medlora.presets import TINY_VOCAB, Preset, directory_hash, get_preset, tiny_nemotron_h_config
 
 logger = logging.getLogger(__name__)
 
 BASE_REFERENCE_FILE = "medlora_base.json"
+HUB_PREFLIGHT_TIMEOUT_S = 10.0
 
 
 class BaseModelUnavailable(RuntimeError):
@@ -31,15 +32,20 @@ class BaseModelUnavailable(RuntimeError):
 
 
 def tokenizer_corpus(rows: Iterable[dict[str, Any]]) -> Iterable[str]:
-    """Texts the tiny tokenizer is trained on: everything a prompt or an answer can contain."""
-    from medlora.prompts import ANSWER_PREFIX, DEFAULT_SYSTEM_PROMPT, render_user, row_options
+    """Texts the tiny tokenizer is trained on: the training conversations' text, turn by turn.
 
-    yield DEFAULT_SYSTEM_PROMPT
-    yield f"{ANSWER_PREFIX} A) B) C) D). Explanation:"
+    Each turn is "role\\ncontent" without the special tokens (the BPE trainer does not split on them, so
+    "<|im_start|>" in the corpus would only waste merges). Every row contributes all four answers it could
+    have, so " A".." D" after "The correct answer is" are among the most frequent merges whatever the split.
+    """
+    from medlora.prompts import ANSWER_PREFIX, DEFAULT_SYSTEM_PROMPT, answer_choices, render_user, row_options
+
+    yield f"system\n{DEFAULT_SYSTEM_PROMPT}"
     for row in rows:
-        yield render_user(str(row["question"]), row_options(row))
+        yield "user\n" + render_user(str(row["question"]), row_options(row))
+        yield "assistant\n" + "\n".join(ANSWER_PREFIX + choice for choice in answer_choices(row))
         if row.get("exp"):
-            yield str(row["exp"])
+            yield f"Explanation: {row['exp']}"
 
 
 def resolve_name_or_path(config: ModelConfig) -> tuple[str, str | None]:
@@ -51,44 +57,101 @@ def resolve_name_or_path(config: ModelConfig) -> tuple[str, str | None]:
     return name, config.revision or preset.revision
 
 
-def build_base_model(config: ModelConfig, train_rows: list[dict[str, Any]], out_dir: str | Path) -> dict[str, Any]:
-    """Write the base model directory for `config.preset`; returns the reference written to medlora_base.json."""
+def build_tiny_model(tokenizer: Any, seed: int) -> Any:
+    """The tiny NemotronH for `tokenizer`, weights drawn from `seed` (the global RNG is left as it was)."""
     import torch
+    from transformers import NemotronHForCausalLM
 
+    config = tiny_nemotron_h_config(
+        len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return NemotronHForCausalLM(config)
+
+
+def write_tiny_base(config: ModelConfig, preset: Preset, train_rows: list[dict[str, Any]], staging: Path) -> dict:
+    """Train the tokenizer on `train_rows`, build the model, save both into `staging`; returns the reference."""
+    from medlora.tokenizer import answer_letter_tokens, train_chat_tokenizer
+
+    if not train_rows:
+        raise ValueError("model: the tiny preset trains its tokenizer on the train split, which has no rows")
+    tokenizer = train_chat_tokenizer(tokenizer_corpus(train_rows), vocab_size=TINY_VOCAB)
+    answer_letter_tokens(tokenizer)  # fail here, not at evaluation, if " B" is not one token
+    model = build_tiny_model(tokenizer, config.seed)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    logger.info(
+        "tiny NemotronH: %d parameters, vocab %d, trained on %d rows", num_parameters, len(tokenizer), len(train_rows)
+    )
+    return {
+        "preset": preset.name,
+        "name_or_path": None,  # the directory itself
+        "revision": None,
+        "weights_sha256": directory_hash(staging),  # before medlora_base.json exists (see adapter_model)
+        "torch_dtype": config.torch_dtype,
+        "num_parameters": num_parameters,
+    }
+
+
+def check_hub_reachable(name: str, revision: str | None) -> None:
+    """One request with a short timeout before `from_pretrained`, whose own retries take ~45 s to give up.
+
+    Raises BaseModelUnavailable naming the model and what to do. Skipped for local directories and offline
+    mode (where `from_pretrained` answers from the local cache at once).
+    """
+    if Path(name).is_dir() or offline():
+        return
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(name, revision=revision, timeout=HUB_PREFLIGHT_TIMEOUT_S)
+    except Exception as error:  # network, auth (gated model) and not-found errors all mean: cannot build here
+        raise BaseModelUnavailable(
+            f"cannot reach {name}@{revision} on the model hub ({type(error).__name__}: {error}). This preset needs "
+            "the hub (set HF_TOKEN if the model is gated) or a local copy named in model.name_or_path."
+        ) from error
+
+
+def load_hub_tokenizer(name: str, revision: str | None) -> Any:
+    """The tokenizer of a hub/local model, with a ChatML template (marked turns) when it ships none."""
+    from transformers import AutoTokenizer
+
+    from medlora.tokenizer import CHATML_TEMPLATE, IM_END, IM_START
+
+    check_hub_reachable(name, revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
+    except OSError as error:
+        hint = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline() else "download failed"
+        raise BaseModelUnavailable(
+            f"cannot load the tokenizer of {name}@{revision} ({hint}): {error}. This preset needs the model hub "
+            "(unset HF_HUB_OFFLINE; set HF_TOKEN if the model is gated) or a local directory in model.name_or_path."
+        ) from error
+    if not tokenizer.chat_template:
+        vocab = tokenizer.get_vocab()
+        if IM_START not in vocab or IM_END not in vocab:
+            logger.warning("%s has no chat template and no ChatML tokens: ChatML markers will be plain text", name)
+        tokenizer.chat_template = CHATML_TEMPLATE
+        logger.info("%s ships no chat template: using medlora's ChatML template", name)
+    return tokenizer
+
+
+def build_base_model(config: ModelConfig, train_rows: list[dict[str, Any]], out_dir: str | Path) -> dict[str, Any]:
+    """Write the base model directory for `config.preset`; returns the reference written to medlora_base.json.
+
+    Raises ValueError for an unknown preset and BaseModelUnavailable when a hub preset cannot be reached.
+    """
     preset = get_preset(config.preset)
+    built_here = preset.hub_id is None and preset.name == "tiny-nemotron-h"
+    if not built_here:
+        name, revision = resolve_name_or_path(config)
+        tokenizer = load_hub_tokenizer(name, revision)  # before any output is written: fail fast, leave nothing
     with atomic_directory(out_dir) as staging:
-        if preset.hub_id is None and preset.name == "tiny-nemotron-h":
-            from transformers import NemotronHForCausalLM
-
-            from medlora.tokenizer import train_chat_tokenizer
-
-            tokenizer = train_chat_tokenizer(tokenizer_corpus(train_rows), vocab_size=TINY_VOCAB)
-            torch.manual_seed(config.seed)
-            model_config = tiny_nemotron_h_config(
-                len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
-            )
-            model = NemotronHForCausalLM(model_config)
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            reference = {
-                "preset": preset.name,
-                "name_or_path": None,  # the directory itself
-                "revision": None,
-                "weights_sha256": directory_hash(staging),
-                "torch_dtype": config.torch_dtype,
-                "num_parameters": sum(p.numel() for p in model.parameters()),
-            }
+        if built_here:
+            reference = write_tiny_base(config, preset, train_rows, staging)
         else:
-            from transformers import AutoTokenizer
-
-            name, revision = resolve_name_or_path(config)
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
-            except OSError as error:
-                raise BaseModelUnavailable(
-                    f"cannot load the tokenizer of {name}@{revision}: {error}. This needs the model hub (or a local "
-                    "directory in model.name_or_path); set HF_TOKEN if the model is gated, and unset HF_HUB_OFFLINE."
-                ) from error
             tokenizer.save_pretrained(staging)
             reference = {
                 "preset": preset.name,
@@ -103,6 +166,7 @@ def build_base_model(config: ModelConfig, train_rows: list[dict[str, Any]], out_
 
 
 def read_base_reference(base_dir: str | Path) -> dict[str, Any]:
+    """medlora_base.json of a base directory; raises BaseModelUnavailable when the `model` stage has not run."""
     path = Path(base_dir) / BASE_REFERENCE_FILE
     if not path.exists():
         raise BaseModelUnavailable(f"{path} is missing: run the `model` stage (dvc repro model) first")
@@ -131,6 +195,8 @@ def load_base_model(base_dir: str | Path, torch_dtype: str | None = None, device
     location, revision = weights_location(base_dir)
     dtype = torch_dtype_of(torch_dtype or reference["torch_dtype"])
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    if reference["name_or_path"] is not None:
+        check_hub_reachable(location, revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=dtype, device_map=device_map)
     except OSError as error:

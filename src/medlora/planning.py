@@ -52,7 +52,7 @@ class MemoryEstimate:
 
 
 def parse_memory(text: str) -> float:
-    """"80GiB", "80 GB", "81920MiB" -> GiB (GB is taken as GiB's decimal sibling: 10^9 bytes)."""
+    """ "80GiB", "80 GB", "81920MiB" -> GiB (GB is taken as GiB's decimal sibling: 10^9 bytes)."""
     match = re.fullmatch(r"\s*([\d.]+)\s*(GiB|GB|MiB|MB|TiB|TB)?\s*", text, flags=re.IGNORECASE)
     if not match:
         raise ValueError(f"cannot read memory size {text!r}: write it like 80GiB or 24GB")
@@ -216,6 +216,10 @@ def plan_command(args: Any) -> int:
     gpu = parse_memory(args.gpu_memory) if args.gpu_memory else None
     print(render_plan(report, gpu))
     if gpu is not None:
-        key = "lora_with_gradient_checkpointing" if params.train.gradient_checkpointing else "lora_without_gradient_checkpointing"
+        key = (
+            "lora_with_gradient_checkpointing"
+            if params.train.gradient_checkpointing
+            else "lora_without_gradient_checkpointing"
+        )
         return 0 if report["memory_gib"][key]["total_gib"] <= gpu else 3
     return 0

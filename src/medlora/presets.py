@@ -38,6 +38,7 @@ class Preset:
     target_modules: tuple[str, ...]
     primary_metric: str  # evaluate.primary_metric when params say "auto"
     description: str
+    architecture_config: str | None = None  # file in medlora/assets: the published config.json, for meta builds
 
 
 PRESETS: dict[str, Preset] = {
@@ -55,11 +56,14 @@ PRESETS: dict[str, Preset] = {
     "nemotron-3-nano-30b-a3b": Preset(
         name="nemotron-3-nano-30b-a3b",
         hub_id="nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-Base-BF16",
-        revision="main",
+        # A commit of the hub repo (a branch name would move under us). Taken from public scripts that pin
+        # this snapshot; not checked against the hub from this offline machine.
+        revision="97ab8012882a655dc38df4fee47422aca9caca07",
         torch_dtype="bfloat16",
         target_modules=NEMOTRON_H_TARGETS,
         primary_metric="medmcqa_chat/acc",
         description="NVIDIA Nemotron-3-Nano-30B-A3B base, bf16 (52 layers: 23 Mamba-2, 23 MoE, 6 attention)",
+        architecture_config="nemotron-3-nano-30b-a3b.config.json",
     ),
     "hub": Preset(
         name="hub",
@@ -84,6 +88,7 @@ TINY_LAYERS: tuple[str, ...] = (
     "moe",
 )
 TINY_HIDDEN = 64
+ASSETS_DIR = Path(__file__).parent / "assets"
 TINY_VOCAB = 2048
 
 
@@ -130,6 +135,23 @@ def tiny_nemotron_h_config(vocab_size: int, pad_token_id: int, bos_token_id: int
         bos_token_id=bos_token_id,
         eos_token_id=eos_token_id,
     )
+
+
+def published_config(name: str) -> Any:
+    """The architecture config a preset ships (its published config.json), as a transformers config object.
+
+    Lets the 30B model be built on the meta device (parameter counts, LoRA coverage, memory plans) with nothing
+    downloaded. Raises ValueError when the preset ships none.
+    """
+    import json
+
+    from transformers import AutoConfig
+
+    preset = get_preset(name)
+    if preset.architecture_config is None:
+        raise ValueError(f"model.preset {name!r} ships no architecture config")
+    raw = json.loads((ASSETS_DIR / preset.architecture_config).read_text(encoding="utf-8"))
+    return AutoConfig.for_model(raw.pop("model_type"), **raw)
 
 
 def directory_hash(path: str | Path) -> str:

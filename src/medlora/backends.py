@@ -1,0 +1,197 @@
+"""Training backends: `hf` (transformers + peft + trl) and `unsloth` (FastLanguageModel), one SFTTrainer.
+
+Both end in a PEFT model trained by TRL's SFTTrainer on the pre-tokenized rows of the format stage
+(`input_ids` + `completion_mask`: the loss is on the answer only). `params.lora` feeds LoraConfig and
+`params.train` feeds SFTConfig under the same field names; the few keys that feed neither are listed below.
+transformers/trl are imported inside the functions, after `resolve_backend`: unsloth must be imported before
+them to patch them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from medlora.config import LoraParams, TrainConfig
+
+logger = logging.getLogger(__name__)
+
+UNSLOTH_VERSION = "2026.10.9"
+UNSLOTH_HINT = (
+    "run `make unsloth-test` (builds .venv-unsloth with CPU torch), or install it into this environment with "
+    f"`pip install --no-deps unsloth=={UNSLOTH_VERSION} unsloth_zoo=={UNSLOTH_VERSION}` plus their dependencies "
+    "except torch/torchvision/xformers (scripts/unsloth_env.sh lists how)"
+)
+LORA_OWN_KEYS = {"required_blocks"}  # lora.* keys that feed our coverage gate, not LoraConfig
+TRAIN_OWN_KEYS = {"backend", "loss_explosion_factor"}  # train.* keys that feed us, not SFTConfig
+BATCHING = (
+    "length-grouped batches with dynamic padding (packing/padding_free are off: they fail on NemotronH without "
+    "the CUDA-only mamba_ssm)"
+)
+
+
+class UnslothUnavailable(RuntimeError):
+    """train.backend is unsloth but unsloth does not import here."""
+
+
+def resolve_backend(name: str) -> str:
+    """`hf` or `unsloth` for train.backend; imports unsloth (first, so it can patch transformers/trl) when asked.
+
+    Raises UnslothUnavailable with the install hint when `unsloth` was asked for and does not import.
+    """
+    if name == "hf":
+        return "hf"
+    try:
+        import unsloth  # noqa: F401
+    except Exception as error:  # ImportError, or unsloth's own "no accelerator" errors
+        if name == "unsloth":
+            raise UnslothUnavailable(
+                f"train.backend is unsloth but `import unsloth` failed ({error}): {UNSLOTH_HINT}"
+            ) from error
+        logger.info("train.backend auto: unsloth does not import here (%s); using hf", error)
+        return "hf"
+    if name == "auto":
+        logger.info("train.backend auto: unsloth imports; using unsloth")
+    return "unsloth"
+
+
+def cpu_fallbacks(train: TrainConfig, has_gpu: bool) -> tuple[dict[str, Any], list[str]]:
+    """SFTConfig overrides for options that only make sense on a GPU, and what each changed. Pure."""
+    if has_gpu:
+        return {}, []
+    overrides: dict[str, Any] = {}
+    notes = []
+    if "8bit" in train.optim or train.optim.startswith("paged_"):
+        overrides["optim"] = "adamw_torch"
+        notes.append(f"optim {train.optim} -> adamw_torch")
+    if train.bf16:
+        # bf16 on CPU would need use_cpu=True and is emulated on most CPUs: float32 instead.
+        overrides["bf16"] = False
+        notes.append("bf16 -> float32")
+    return overrides, notes
+
+
+def lora_kwargs(lora: LoraParams) -> dict[str, Any]:
+    """params.lora as LoraConfig keyword arguments (same names); checks the routed-expert dropout rule."""
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(lora).items()}
+    for key in LORA_OWN_KEYS:
+        kwargs.pop(key)
+    if kwargs["target_parameters"] and kwargs["lora_dropout"] != 0:
+        raise ValueError(
+            f"lora.target_parameters {kwargs['target_parameters']} needs lora.lora_dropout: 0 "
+            f"(PEFT cannot apply dropout to 3-D expert parameters; got {kwargs['lora_dropout']})"
+        )
+    if not kwargs["target_parameters"]:
+        kwargs.pop("target_parameters")
+    return kwargs
+
+
+def sft_config(train: TrainConfig, output_dir: str | Path, has_gpu: bool) -> Any:
+    """SFTConfig from params.train (same field names) plus what this pipeline fixes, GPU fallbacks applied."""
+    from trl import SFTConfig
+
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    values = dataclasses.asdict(train)
+    unknown = sorted(set(values) - fields - TRAIN_OWN_KEYS)
+    if unknown:
+        raise ValueError(f"train.{unknown[0]} is not an SFTConfig field (trl changed?); rename or remove it")
+    overrides, notes = cpu_fallbacks(train, has_gpu)
+    if notes:
+        logger.warning("no GPU: %s", ", ".join(notes))
+    kwargs = {k: v for k, v in values.items() if k in fields} | overrides
+    return SFTConfig(
+        output_dir=str(output_dir),
+        **kwargs,
+        per_device_eval_batch_size=train.per_device_train_batch_size,
+        eval_strategy="steps",
+        save_strategy="steps",
+        eval_on_start=True,  # the answer-token loss before any training: the "before" of before/after
+        logging_first_step=True,  # the explosion check compares against the first loss
+        logging_nan_inf_filter=False,  # a NaN must reach the health check, not be averaged away
+        include_num_input_tokens_seen="non_padding",
+        completion_only_loss=True,
+        packing=False,
+        padding_free=False,
+        max_length=None,  # the format stage already fitted every row to format.max_length
+        report_to="none",  # one MLflow run per pipeline run, logged by monitoring.TrainingMonitor
+        use_cpu=not has_gpu,
+        save_only_model=False,  # optimizer and scheduler states are what make a resume exact
+    )
+
+
+def load_formatted(path: str | Path) -> Any:
+    """A `datasets.Dataset` of `input_ids` + `completion_mask` from a format-stage JSON-lines file.
+
+    Raises ValueError naming the file and line when a row lacks them, their lengths differ or no token is masked in.
+    """
+    from datasets import Dataset
+
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        ids, mask = row.get("input_ids"), row.get("completion_mask")
+        if not ids or mask is None or len(ids) != len(mask) or not any(mask):
+            raise ValueError(f"{path}:{number}: needs input_ids and a completion_mask of the same length with a 1")
+        rows.append({"input_ids": ids, "completion_mask": mask})
+    if not rows:
+        raise ValueError(f"{path}: no rows (run the format stage)")
+    return Dataset.from_list(rows)
+
+
+def load_peft_model(backend: str, base_dir: str | Path, lora: LoraParams, train: TrainConfig, has_gpu: bool):
+    """(PEFT model, tokenizer) through the chosen backend; on CPU the weights are loaded as float32."""
+    from transformers import set_seed
+
+    from medlora.modeling import load_base_model, weights_location
+
+    kwargs = lora_kwargs(lora)
+    set_seed(train.seed)  # the same LoRA initialisation for the same params
+    if backend == "unsloth":
+        import torch
+        from unsloth import FastLanguageModel
+
+        location, revision = weights_location(base_dir)
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=location,
+            revision=revision,
+            dtype=None if has_gpu else torch.float32,
+            load_in_4bit=False,
+            use_gradient_checkpointing=train.gradient_checkpointing,
+        )
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(base_dir))  # the base dir's tokenizer, as for hf
+        model = FastLanguageModel.get_peft_model(
+            model, **kwargs, random_state=train.seed, use_gradient_checkpointing=train.gradient_checkpointing
+        )
+        return model, tokenizer
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_base_model(base_dir, torch_dtype=None if has_gpu else "float32")
+    return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **kwargs)), tokenizer
+
+
+def sft_trainer_class(backend: str, has_gpu: bool) -> type:
+    """TRL's SFTTrainer, or on a CPU (hf backend) a subclass that computes the loss through the model's forward.
+
+    TRL 1.15 computes the SFT loss through a fused LM head whose kernel is Triton-only: on a CPU it fails with
+    "'NoneType' object has no attribute 'apply'" (no triton) or inside Triton (CUDA tensors expected). The
+    model's own causal-LM loss over the same labels (-100 outside the completion) is the same quantity. Unsloth's
+    CPU backend patches TRL's fused head itself, so it keeps TRL's class.
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    if has_gpu or backend == "unsloth":
+        return SFTTrainer
+
+    class CpuSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return CpuSFTTrainer

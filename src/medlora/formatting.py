@@ -1,0 +1,241 @@
+"""The `format` stage's verb: validated train rows -> token ids through the base tokenizer's chat template.
+
+Each labeled row becomes `{"id", "messages", "input_ids", "completion_mask"}`: the seed's system/user/assistant
+conversation, tokenized exactly as `apply_chat_template` renders it, with `completion_mask` 1 on the assistant
+turn's tokens (its end-of-turn token included) and 0 elsewhere, so TRL's SFTTrainer puts the loss on the answer
+only. Evaluation gives lm-eval `scoring_context(row)` + one of the four answers; that text tokenizes into a
+prefix of the training example (a test holds it), so what evaluation scores is what training taught.
+
+Rows longer than `format.max_length` are dropped or truncated by param and always counted. The early-stopping
+slice is carved from train (never from validation) by a hash of each row's id: the same rows whatever the order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from medlora.config import FormatConfig
+from medlora.io import atomic_directory
+from medlora.prompts import ANSWER_PREFIX, prompt_messages, training_messages
+from medlora.schema import LETTERS, read_jsonl_rows
+from medlora.tokenizer import has_generation_marks
+
+logger = logging.getLogger(__name__)
+
+TRAIN_FILE, EARLY_STOP_FILE = "train.jsonl", "early_stop.jsonl"
+
+
+class FormatError(ValueError):
+    """A row the chat template cannot turn into a training example with a loss on the answer."""
+
+
+def is_labeled(row: dict[str, Any]) -> bool:
+    return row.get("cop") in range(len(LETTERS))
+
+
+def mask_by_prompt_prefix(messages: list[dict[str, str]], tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(input_ids, mask) for a template without `{% generation %}` marks (many hub models ship none).
+
+    The prompt rendered with `add_generation_prompt=True` must be a token prefix of the whole conversation;
+    the rest is the assistant turn, minus trailing whitespace-only tokens (the newline after end-of-turn).
+    Raises FormatError when it is not a prefix: masking by position would then put the loss on the wrong tokens.
+    """
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
+    prompt_ids, ids = list(prompt["input_ids"]), list(full["input_ids"])
+    if ids[: len(prompt_ids)] != prompt_ids:
+        at = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids, strict=False)) if a != b), len(ids))
+        raise FormatError(
+            "the chat template has no {% generation %} marks and its generation prompt is not a token prefix of "
+            f"the conversation (first difference at token {at}: prompt {tokenizer.decode(prompt_ids[at : at + 5])!r}"
+            f" vs conversation {tokenizer.decode(ids[at : at + 5])!r}); add generation marks to the template"
+        )
+    end = len(ids)
+    while end > len(prompt_ids) and not tokenizer.decode(ids[end - 1 : end]).strip():
+        end -= 1
+    return ids, [0] * len(prompt_ids) + [1] * (end - len(prompt_ids)) + [0] * (len(ids) - end)
+
+
+def render_examples(rows: list[dict[str, Any]], tokenizer: Any, format_config: FormatConfig) -> list[dict[str, Any]]:
+    """Labeled rows -> `{"id", "messages", "input_ids", "completion_mask"}` each (no length limit applied).
+
+    One `apply_chat_template` call for the whole list (about 3x faster than a call per row). Raises ValueError
+    for an unlabeled row (cop not 0-3) and FormatError when no answer token of a row gets the loss.
+    """
+    conversations = [
+        training_messages(row, format_config.system_prompt, format_config.include_explanation) for row in rows
+    ]
+    if not conversations:
+        return []
+    if has_generation_marks(tokenizer):
+        out = tokenizer.apply_chat_template(
+            conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        encoded = zip(out["input_ids"], out["assistant_masks"], strict=True)
+    else:
+        encoded = []
+        for row, messages in zip(rows, conversations, strict=True):
+            try:
+                encoded.append(mask_by_prompt_prefix(messages, tokenizer))
+            except FormatError as error:
+                raise FormatError(f"row {row['id']!r}: {error}") from None
+    examples = []
+    for row, messages, (ids, mask) in zip(rows, conversations, encoded, strict=True):
+        if not any(mask):
+            raise FormatError(
+                f"row {row['id']!r}: the chat template marks no assistant token: nothing would be learned"
+            )
+        examples.append({"id": row["id"], "messages": messages, "input_ids": list(ids), "completion_mask": list(mask)})
+    return examples
+
+
+def render_example(row: dict[str, Any], tokenizer: Any, format_config: FormatConfig) -> dict[str, Any]:
+    """One labeled row -> its formatted dict (see `render_examples`)."""
+    return render_examples([row], tokenizer, format_config)[0]
+
+
+def scoring_context(row: dict[str, Any], tokenizer: Any, system_prompt: str) -> str:
+    """The text evaluation scores choices after: the prompt through the chat template, then ANSWER_PREFIX.
+
+    Each choice (`prompts.answer_choices`) starts with a space, so the context ends on a word and lm-eval has no
+    trailing whitespace to move into the continuation.
+    """
+    prompt = tokenizer.apply_chat_template(
+        prompt_messages(row, system_prompt), tokenize=False, add_generation_prompt=True
+    )
+    return prompt + ANSWER_PREFIX
+
+
+def fit_to_length(example: dict[str, Any], max_length: int, on_overflow: str) -> tuple[dict[str, Any] | None, str]:
+    """(example or None, outcome) with outcome one of kept, truncated, too_long (dropped), answer_cut (dropped).
+
+    `truncate` keeps the first `max_length` tokens, as long as at least one answer token survives; a row whose
+    whole answer would be cut is dropped rather than trained with no loss.
+    """
+    ids, mask = example["input_ids"], example["completion_mask"]
+    if len(ids) <= max_length:
+        return example, "kept"
+    if on_overflow == "drop":
+        return None, "too_long"
+    if not any(mask[:max_length]):
+        return None, "answer_cut"
+    return {**example, "input_ids": ids[:max_length], "completion_mask": mask[:max_length]}, "truncated"
+
+
+def early_stop_ids(ids: list[str], size: int) -> set[str]:
+    """The `size` ids with the smallest sha256: deterministic, independent of row order and of the other rows."""
+    if size >= len(ids):
+        raise ValueError(f"format.early_stopping_size {size} leaves no training rows ({len(ids)} rows kept): lower it")
+    return set(sorted(ids, key=lambda i: hashlib.sha256(str(i).encode()).hexdigest())[:size])
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    import numpy as np
+
+    if not lengths:
+        return {key: 0 for key in ("min", "mean", "p50", "p90", "p99", "max")}
+    values = np.asarray(lengths)
+    stats = {"min": int(values.min()), "mean": round(float(values.mean()), 2)}
+    stats.update({f"p{q}": round(float(np.percentile(values, q)), 1) for q in (50, 90, 99)})
+    return {**stats, "max": int(values.max())}
+
+
+def format_rows(
+    rows: list[dict[str, Any]], tokenizer: Any, config: FormatConfig, chunk_size: int = 1000
+) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    """Render, fit and count every row; returns ([(id, JSON line)] of kept examples, counts for the report).
+
+    Always rows_in == rows_kept + rows_dropped + unlabeled_skipped; truncated rows are among the kept.
+    """
+    kept: list[tuple[str, str]] = []
+    lengths: list[int] = []
+    answer_lengths: list[int] = []  # tokens that carry the loss
+    outcomes = dict.fromkeys(("kept", "truncated", "too_long", "answer_cut"), 0)
+    dropped_ids: list[str] = []
+    labeled = [row for row in rows if is_labeled(row)]
+    start, log_every = time.monotonic(), max(1, len(labeled) // (10 * chunk_size))  # about 10 progress lines
+    for done in range(0, len(labeled), chunk_size):
+        for example in render_examples(labeled[done : done + chunk_size], tokenizer, config):
+            fitted, outcome = fit_to_length(example, config.max_length, config.on_overflow)
+            outcomes[outcome] += 1
+            if fitted is None:
+                dropped_ids.append(example["id"])
+                continue
+            kept.append((fitted["id"], json.dumps(fitted, ensure_ascii=False, separators=(",", ":"))))
+            lengths.append(len(fitted["input_ids"]))
+            answer_lengths.append(sum(fitted["completion_mask"]))
+        number, elapsed = min(done + chunk_size, len(labeled)), time.monotonic() - start
+        rate = number / elapsed if elapsed else float("inf")
+        if (done // chunk_size) % log_every == 0 or number == len(labeled):
+            logger.info(
+                "format: %d/%d rows, %.0f rows/s, ETA %.0f s",
+                number,
+                len(labeled),
+                rate,
+                (len(labeled) - number) / rate,
+            )
+    return kept, {
+        "rows_in": len(rows),
+        "rows_kept": len(kept),
+        "rows_dropped": outcomes["too_long"] + outcomes["answer_cut"],
+        "rows_truncated": outcomes["truncated"],
+        "unlabeled_skipped": len(rows) - len(labeled),
+        "dropped_by_reason": {"too_long": outcomes["too_long"], "answer_cut": outcomes["answer_cut"]},
+        "dropped_ids": dropped_ids[:10],
+        "token_lengths": length_stats(lengths),
+        "completion_tokens": length_stats(answer_lengths),
+    }
+
+
+def format_training_data(
+    validated_train: str | Path, base_dir: str | Path, out_dir: str | Path, config: FormatConfig
+) -> dict[str, Any]:
+    """The `format` stage: read the validated train split, write `train.jsonl` and `early_stop.jsonl` into
+    `out_dir` (atomically), return the report (counts, token-length stats, timing).
+
+    Only the train split is read: the early-stopping slice can come from nowhere else.
+    """
+    from transformers import AutoTokenizer
+
+    start = time.monotonic()
+    rows = read_jsonl_rows(validated_train)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    kept, counts = format_rows(rows, tokenizer, config)
+    early = early_stop_ids([row_id for row_id, _ in kept], config.early_stopping_size)
+    with (
+        atomic_directory(out_dir) as staging,
+        (staging / TRAIN_FILE).open("w", encoding="utf-8") as train,
+        (staging / EARLY_STOP_FILE).open("w", encoding="utf-8") as early_stop,
+    ):
+        for row_id, line in kept:
+            (early_stop if row_id in early else train).write(line + "\n")
+    seconds = time.monotonic() - start
+    report = {
+        **counts,
+        "train_rows": len(kept) - len(early),
+        "early_stop_rows": len(early),
+        "early_stop_source": str(validated_train),
+        "max_length": config.max_length,
+        "on_overflow": config.on_overflow,
+        "include_explanation": config.include_explanation,
+        "mask_source": "generation_marks" if has_generation_marks(tokenizer) else "prompt_prefix",
+        "seconds": round(seconds, 2),
+        "rows_per_second": round(len(rows) / seconds, 1) if seconds else None,
+    }
+    logger.info(
+        "format: %d rows in, %d kept (%d train, %d early stop), %d dropped, %d truncated, %d unlabeled, %.1f s",
+        report["rows_in"],
+        report["rows_kept"],
+        report["train_rows"],
+        report["early_stop_rows"],
+        report["rows_dropped"],
+        report["rows_truncated"],
+        report["unlabeled_skipped"],
+        seconds,
+    )
+    return report

@@ -1,0 +1,206 @@
+"""The promotion decision, as a pure function: `should_promote(candidate, base, champion, gates) -> Verdict`.
+
+Every gate in `params.yaml` `promote` yields exactly one reason line, passed or failed, so `reports/promotion.json`
+says why a version was (or was not) promoted without anyone re-running anything. The gates read the evaluation's
+primary metric (`gate` in `reports/eval.json`), where higher is better (accuracy, answer log-likelihood).
+
+Comparisons are written so that a NaN fails every gate it reaches (`nan > x` is False): a broken evaluation can
+never promote a model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from medlora.config import PromoteConfig
+
+# Version tags the registry writes (see registry.version_tags) and the champion is read back from.
+GATE_KEYS: tuple[str, ...] = ("metric", "base", "adapter", "merged", "uplift", "p_value", "merged_vs_adapter")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the gates need to know about one trained adapter (and its merged copy)."""
+
+    metric: str
+    value: float  # the adapter's value of the primary metric
+    merged: float | None = None  # the merged model's value; None when it was not evaluated
+    p_value: float | None = None  # significance of the uplift over the base model
+    validation_passed: bool | None = None  # reports/validation.json `success`
+    coverage_passed: bool | None = None  # the LoRA coverage gate from reports/train.json
+    version: str | None = None  # registered adapter version, when there is one
+
+
+@dataclass(frozen=True)
+class Champion:
+    """The version currently holding the `champion` alias, with the metric it was promoted on."""
+
+    version: str
+    metric: str
+    value: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    promote: bool
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[str]:
+        return [reason for reason in self.reasons if reason.startswith("FAIL")]
+
+
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:.6g}"
+
+
+def _line(passed: bool, gate: str, text: str) -> str:
+    return f"{'PASS' if passed else 'FAIL'} {gate}: {text}"
+
+
+def check_min_value(candidate: Candidate, gates: PromoteConfig) -> str:
+    if gates.min_value is None:
+        return _line(True, "min_value", f"no floor set ({candidate.metric} = {_fmt(candidate.value)})")
+    passed = candidate.value >= gates.min_value
+    sign = ">=" if passed else "<"
+    return _line(passed, "min_value", f"{candidate.metric} {_fmt(candidate.value)} {sign} {_fmt(gates.min_value)}")
+
+
+def check_uplift(candidate: Candidate, base: float, gates: PromoteConfig) -> str:
+    uplift = candidate.value - base
+    passed = uplift > gates.min_uplift
+    sign = ">" if passed else "<="
+    return _line(
+        passed,
+        "min_uplift",
+        f"uplift {_fmt(uplift)} (adapter {_fmt(candidate.value)} - base {_fmt(base)}) {sign} {_fmt(gates.min_uplift)}",
+    )
+
+
+def check_p_value(candidate: Candidate, gates: PromoteConfig) -> str:
+    if candidate.p_value is None:
+        return _line(False, "max_p_value", "no p-value for the uplift (evaluation did not run a paired test)")
+    passed = candidate.p_value < gates.max_p_value
+    sign = "<" if passed else ">="
+    return _line(passed, "max_p_value", f"p-value {_fmt(candidate.p_value)} {sign} {_fmt(gates.max_p_value)}")
+
+
+def check_champion(candidate: Candidate, champion: Champion | None, gates: PromoteConfig) -> list[str]:
+    """Two lines: not worse than the champion by more than the tolerance; better by more than the margin."""
+    if champion is None:
+        text = "no champion yet (first promotion)"
+        return [_line(True, "champion_tolerance", text), _line(True, "champion_margin", text)]
+    if candidate.version is not None and candidate.version == champion.version:
+        text = f"candidate is the current champion (v{champion.version})"
+        return [_line(True, "champion_tolerance", text), _line(True, "champion_margin", text)]
+    if champion.metric != candidate.metric:
+        # Different metrics (say a preset change) cannot be compared: a person decides, with --force.
+        text = f"champion v{champion.version} was promoted on {champion.metric}, candidate on {candidate.metric}"
+        return [_line(False, "champion_tolerance", text), _line(False, "champion_margin", text)]
+    delta = candidate.value - champion.value
+    head = f"{candidate.metric} {_fmt(candidate.value)} vs champion v{champion.version} {_fmt(champion.value)}"
+    tolerated = delta >= -gates.champion_tolerance
+    beats = delta > gates.champion_margin  # a tie never replaces the champion
+    tolerance_text = f"{head}: delta {_fmt(delta)} {'>=' if tolerated else '<'} -{_fmt(gates.champion_tolerance)}"
+    margin_text = f"{head}: delta {_fmt(delta)} {'>' if beats else '<='} {_fmt(gates.champion_margin)}"
+    return [_line(tolerated, "champion_tolerance", tolerance_text), _line(beats, "champion_margin", margin_text)]
+
+
+def merged_relative_difference(candidate: Candidate) -> float:
+    """|merged - adapter| / |adapter| (absolute difference when the adapter's value is 0; inf if not evaluated)."""
+    if candidate.merged is None:
+        return math.inf
+    difference = abs(candidate.merged - candidate.value)
+    if candidate.value == 0:
+        return difference if difference == 0 else math.inf
+    return difference / abs(candidate.value)
+
+
+def check_merged(candidate: Candidate, gates: PromoteConfig) -> str:
+    if candidate.merged is None:
+        return _line(False, "max_merged_vs_adapter_rel", "the merged model was not evaluated")
+    relative = merged_relative_difference(candidate)
+    passed = relative <= gates.max_merged_vs_adapter_rel
+    sign = "<=" if passed else ">"
+    return _line(
+        passed,
+        "max_merged_vs_adapter_rel",
+        f"|merged {_fmt(candidate.merged)} - adapter {_fmt(candidate.value)}| / |adapter| = {_fmt(relative)} "
+        f"{sign} {_fmt(gates.max_merged_vs_adapter_rel)}",
+    )
+
+
+def check_verdict(name: str, verdict: bool | None, required: bool, source: str) -> str:
+    """One line for a yes/no verdict of an earlier stage (data validation, LoRA coverage)."""
+    said = {True: "passed", False: "failed", None: "missing"}[verdict]
+    if not required:
+        return _line(True, name, f"not required ({source} {said})")
+    return _line(verdict is True, name, f"{source} {said}")
+
+
+def should_promote(candidate: Candidate, base: float, champion: Champion | None, gates: PromoteConfig) -> Verdict:
+    """Run every gate; promote only when all pass. One reason per gate, in a fixed order, passed or failed.
+
+    `base` is the base model's value of the candidate's metric; `champion` is None before the first promotion.
+    """
+    reasons = [
+        check_min_value(candidate, gates),
+        check_uplift(candidate, base, gates),
+        check_p_value(candidate, gates),
+        *check_champion(candidate, champion, gates),
+        check_merged(candidate, gates),
+        check_verdict("validation", candidate.validation_passed, gates.require_validation, "data validation"),
+        check_verdict("coverage", candidate.coverage_passed, gates.require_coverage, "LoRA coverage gate"),
+    ]
+    return Verdict(promote=all(reason.startswith("PASS") for reason in reasons), reasons=reasons)
+
+
+def _number(value: Any) -> float | None:
+    if value is None or value == "" or value == "None":
+        return None
+    return float(value)
+
+
+def _flag(value: Any) -> bool | None:
+    if isinstance(value, bool) or value is None:
+        return value
+    return {"true": True, "false": False}.get(str(value).lower())
+
+
+def candidate_from_gate(
+    gate: dict[str, Any], validation_passed: bool | None, coverage_passed: bool | None, version: str | None = None
+) -> tuple[Candidate, float]:
+    """(Candidate, base value) from an eval.json `gate` object (or the version tags that copy it)."""
+    for key in ("metric", "base", "adapter"):
+        if gate.get(key) is None:
+            raise ValueError(f"evaluation gate has no {key!r} (got keys: {sorted(gate)})")
+    candidate = Candidate(
+        metric=str(gate["metric"]),
+        value=float(gate["adapter"]),
+        merged=_number(gate.get("merged")),
+        p_value=_number(gate.get("p_value")),
+        validation_passed=_flag(validation_passed),
+        coverage_passed=_flag(coverage_passed),
+        version=version,
+    )
+    return candidate, float(gate["base"])
+
+
+def gate_tags(gate: dict[str, Any]) -> dict[str, str]:
+    """eval.json's `gate` as registry tags `gate.<key>` (tags are strings)."""
+    return {f"gate.{key}": str(gate.get(key)) for key in GATE_KEYS}
+
+
+def gate_from_tags(tags: dict[str, str]) -> dict[str, Any]:
+    """Inverse of `gate_tags`."""
+    return {key: tags.get(f"gate.{key}") for key in GATE_KEYS}
+
+
+def champion_from_tags(version: str, tags: dict[str, str]) -> Champion:
+    """The champion's metric and value, from the tags its version was registered with."""
+    gate = gate_from_tags(tags)
+    if gate["metric"] is None or _number(gate["adapter"]) is None:
+        raise ValueError(f"champion v{version} has no gate.metric/gate.adapter tags: it cannot be compared against")
+    return Champion(version=str(version), metric=str(gate["metric"]), value=float(gate["adapter"]))

@@ -1,0 +1,406 @@
+"""Registry and promotion against a throwaway SQLite store: reload parity, idempotency, champion/challenger,
+rollback, forced promotion, failures halfway through an alias move, an unreachable store, a missing base."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import socket
+import sqlite3
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from medlora.config import Params, PathsConfig, PromoteConfig, RegisterConfig
+from medlora.io import read_json, write_json
+from medlora.modeling import BASE_REFERENCE_FILE, BaseModelUnavailable, load_base_model
+
+METRIC = "medmcqa_chat_loglik/answer_loglik"
+ADAPTER, MERGED = "medlora-adapter", "medlora-merged"
+
+
+def gate(adapter: float, base: float = -8.0, p_value: float = 1e-6) -> dict:
+    return {
+        "metric": METRIC,
+        "base": base,
+        "adapter": adapter,
+        "merged": adapter,
+        "uplift": adapter - base,
+        "p_value": p_value,
+        "merged_vs_adapter": 0.0,
+    }
+
+
+def build_outputs(base_dir: Path, out: Path, seed: int) -> dict:
+    """A random-init LoRA adapter on the tiny base (saved as the train stage does) and its merged copy."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = load_base_model(base_dir)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "in_proj", "up_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config).eval()
+    adapter_dir, merged_dir = out / "adapter", out / "merged"
+    peft_model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    shutil.copy(base_dir / BASE_REFERENCE_FILE, adapter_dir / BASE_REFERENCE_FILE)
+    ids = tokenizer("Question: Which drug causes cinchonism?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        adapter_logits = peft_model(ids).logits
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(merged_dir)
+    tokenizer.save_pretrained(merged_dir)
+    with torch.no_grad():
+        merged_logits = merged(ids).logits
+    return {"adapter": adapter_dir, "merged": merged_dir, "ids": ids, "adapter_logits": adapter_logits,
+            "merged_logits": merged_logits}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, tiny_base_dir) -> list[dict]:
+    """Three pipeline runs' worth of distinct adapters (built once for the module)."""
+    root = tmp_path_factory.mktemp("runs")
+    return [build_outputs(tiny_base_dir, root / f"run{seed}", seed) for seed in (1, 2, 3)]
+
+
+@pytest.fixture
+def params(tmp_path, monkeypatch, tiny_base_dir) -> Params:
+    """Params whose paths all point into a fresh temp project with its own SQLite store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    paths = PathsConfig(
+        reports_dir=str(tmp_path / "reports"),
+        base_model_dir=str(tiny_base_dir),
+        adapter_dir=str(tmp_path / "outputs/adapter"),
+        merged_dir=str(tmp_path / "outputs/merged"),
+        mlruns_dir=str(tmp_path / "mlruns"),
+    )
+    return Params(paths=paths)
+
+
+def pipeline_run(params: Params, run: dict, gate_values: dict, validation: bool = True, coverage=True) -> str:
+    """What train..evaluate leave behind: outputs, reports, and the pipeline's MLflow run. Returns its run id."""
+    import mlflow
+
+    from medlora.tracking import start_pipeline_run
+
+    for kind in ("adapter", "merged"):
+        target = Path(getattr(params.paths, f"{kind}_dir"))
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(run[kind], target)
+    with start_pipeline_run(params) as active:
+        run_id = active.info.run_id
+    assert mlflow.active_run() is None
+    reports = Path(params.paths.reports_dir)
+    write_json(reports / "train.json", {"mlflow_run_id": run_id, "coverage": {"passed": coverage}})
+    write_json(reports / "eval.json", {"gate": gate_values})
+    write_json(reports / "validation.json", {"success": validation})
+    return run_id
+
+
+def register_and_promote(params: Params) -> tuple[dict, dict]:
+    from medlora.promotion import promote_stage
+    from medlora.registry import register
+
+    registration = register(params)
+    write_json(Path(params.paths.reports_dir) / "registration.json", registration)
+    return registration, promote_stage(params)
+
+
+def champions(params: Params) -> tuple[str | None, str | None]:
+    from medlora.registry import CHAMPION, alias_version, open_registry
+
+    client = open_registry(params)
+    return alias_version(client, ADAPTER, CHAMPION), alias_version(client, MERGED, CHAMPION)
+
+
+def aliases(client, name: str) -> dict[str, str]:
+    return {alias: str(version) for alias, version in client.get_registered_model(name).aliases.items()}
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def test_registered_versions_reload_with_the_same_logits_and_carry_lineage(params, outputs):
+    import mlflow
+
+    from medlora.registry import open_registry, register
+
+    run_id = pipeline_run(params, outputs[0], gate(-5.0))
+    registration = register(params)
+    assert registration["adapter"] == {"name": ADAPTER, "version": "1", "created": True, "run_id": run_id}
+    assert registration["merged"] == {"name": MERGED, "version": "1", "created": True, "run_id": run_id}
+
+    adapter = mlflow.pyfunc.load_model(f"models:/{ADAPTER}/1")
+    reloaded = adapter.unwrap_python_model()
+    with torch.no_grad():
+        adapter_logits = reloaded.model(outputs[0]["ids"]).logits
+    assert max_diff(adapter_logits, outputs[0]["adapter_logits"]) < 1e-4
+    # The trap FINDINGS warns about is a base that reloads with random weights: it would move logits by ~0.05.
+    base_model, _ = load_base_model(params.paths.base_model_dir)
+    assert max_diff(adapter_logits, base_model(outputs[0]["ids"]).logits) > 1e-3  # the adapter is really applied
+    (answer,) = adapter.predict(["Question: Which drug causes cinchonism?"], params={"max_new_tokens": 3})
+    assert isinstance(answer, str)
+
+    merged = mlflow.transformers.load_model(f"models:/{MERGED}/1", return_type="components")
+    with torch.no_grad():
+        merged_logits = merged["model"](outputs[0]["ids"]).logits
+    assert max_diff(merged_logits, outputs[0]["merged_logits"]) < 1e-4
+
+    client = open_registry(params)
+    for name in (ADAPTER, MERGED):
+        version = client.get_model_version(name, "1")
+        assert version.run_id == run_id
+        for key in ("git_commit", "data_dvc_md5", "params_hash", "adapter_dvc_md5", "adapter_sha256"):
+            assert version.tags[key]
+        assert version.tags["params_hash"] == params.params_hash()
+        assert version.tags["gate.adapter"] == "-5.0" and version.tags["gate.metric"] == METRIC
+        assert (version.tags["validation_success"], version.tags["coverage_passed"]) == ("True", "True")
+        assert aliases(client, name) == {"challenger": "1"}
+    assert client.get_model_version(ADAPTER, "1").tags["merged_version"] == "1"
+
+
+def test_registering_the_same_outputs_twice_adds_no_version(params, outputs):
+    from medlora.registry import open_registry, register
+
+    pipeline_run(params, outputs[0], gate(-5.0))
+    first = register(params)
+    second = register(params)
+    assert (second["adapter"]["version"], second["merged"]["version"]) == ("1", "1")
+    assert second["adapter"]["created"] is False and second["merged"]["created"] is False
+    client = open_registry(params)
+    assert [len(client.search_model_versions(f"name='{n}'")) for n in (ADAPTER, MERGED)] == [1, 1]
+    assert first["tags"]["adapter_sha256"] == second["tags"]["adapter_sha256"]
+
+
+def test_champion_challenger_rejection_and_rollback(params, outputs):
+    from medlora.promotion import rollback
+    from medlora.registry import RegistryError, open_registry
+
+    pipeline_run(params, outputs[0], gate(-5.0))
+    _, first = register_and_promote(params)
+    assert first["decision"] == "promoted"
+    assert first["champion_before"] == {ADAPTER: None, MERGED: None}
+    assert first["champion_after"] == {ADAPTER: "1", MERGED: "1"}
+
+    pipeline_run(params, outputs[1], gate(-4.0))
+    _, second = register_and_promote(params)
+    assert second["decision"] == "promoted" and champions(params) == ("2", "2")
+    client = open_registry(params)
+    assert client.get_registered_model(ADAPTER).tags["previous_champion"] == "1"
+    assert "challenger" not in aliases(client, ADAPTER)  # the challenger became champion
+
+    pipeline_run(params, outputs[2], gate(-9.0))  # worse than the base: uplift -1
+    _, third = register_and_promote(params)
+    assert third["decision"] == "rejected"
+    failed = [reason.split(":")[0] for reason in third["reasons"] if reason.startswith("FAIL")]
+    assert failed == ["FAIL min_uplift", "FAIL champion_tolerance", "FAIL champion_margin"]
+    assert champions(params) == ("2", "2")
+    assert aliases(client, MERGED) == {"champion": "2", "challenger": "3"}
+    assert read_json(Path(params.paths.reports_dir) / "registration.json")["adapter"]["version"] == "3"
+
+    assert rollback(params) == {ADAPTER: "1", MERGED: "1"}
+    assert champions(params) == ("1", "1")
+    assert "previous_champion" not in client.get_registered_model(ADAPTER).tags
+    with pytest.raises(RegistryError, match="nothing to roll back to"):
+        rollback(params)
+
+
+def test_forced_promotion_records_who_and_why(params, outputs):
+    from medlora.promotion import promote_command, promote_version
+    from medlora.registry import open_registry, register
+
+    pipeline_run(params, outputs[0], gate(-5.0, p_value=0.3))
+    register(params)
+    args = SimpleNamespace(params="unused", version="1", force=True, reason=None)
+    with pytest.raises(ValueError, match="--force needs --reason"):
+        promote_command(args)
+    assert promote_version(params, "1")["decision"] == "rejected"
+    report = promote_version(params, "1", force_reason="hotfix approved by the on-call")
+    assert report["decision"] == "promoted" and report["forced"] is True
+    tags = open_registry(params).get_model_version(MERGED, "1").tags
+    assert tags["forced_reason"] == "hotfix approved by the on-call"
+    assert tags["forced_failed_gates"].startswith("FAIL max_p_value: p-value 0.3")
+    assert tags["forced_by"] and tags["forced_at"]
+    assert champions(params) == ("1", "1")
+
+
+def promote_two(params, outputs) -> None:
+    """Champion v1 on both models, and a better v2 registered as challenger."""
+    from medlora.registry import register
+
+    pipeline_run(params, outputs[0], gate(-5.0))
+    register_and_promote(params)
+    pipeline_run(params, outputs[1], gate(-4.0))
+    register(params)
+
+
+def test_failure_between_the_two_alias_moves_restores_both_champions(params, outputs, monkeypatch):
+    from medlora import promotion
+    from medlora.registry import RegistryError, open_registry
+
+    promote_two(params, outputs)
+    real_set_alias = promotion.set_alias
+
+    def failing_on_merged(client, name, alias, version):
+        if name == MERGED and version == "2":
+            raise ConnectionError("store went away")
+        real_set_alias(client, name, alias, version)
+
+    monkeypatch.setattr(promotion, "set_alias", failing_on_merged)
+    with pytest.raises(RegistryError, match=r"point medlora-merged@champion at version 2: store went away\. undid 3"):
+        promotion.promote_version(params, "2")
+    assert champions(params) == ("1", "1")  # the adapter's move was undone
+    assert "previous_champion" not in open_registry(params).get_registered_model(ADAPTER).tags
+
+
+def test_a_forced_promotion_that_fails_halfway_leaves_no_force_record(params, outputs, monkeypatch):
+    from medlora import promotion
+    from medlora.registry import RegistryError, open_registry, register
+
+    pipeline_run(params, outputs[0], gate(-5.0))
+    register_and_promote(params)
+    pipeline_run(params, outputs[1], gate(-5.5))  # worse than the champion: only a force promotes it
+    register(params)
+    real_set_alias = promotion.set_alias
+
+    def failing_on_merged(client, name, alias, version):
+        if name == MERGED and version == "2":
+            raise ConnectionError("store went away")
+        real_set_alias(client, name, alias, version)
+
+    monkeypatch.setattr(promotion, "set_alias", failing_on_merged)
+    with pytest.raises(RegistryError, match="store went away"):
+        promotion.promote_version(params, "2", force_reason="demo tomorrow")
+    assert champions(params) == ("1", "1")
+    for name in (ADAPTER, MERGED):
+        assert not any(key.startswith("forced_") for key in open_registry(params).get_model_version(name, "2").tags)
+
+
+def test_a_store_refusing_the_second_write_leaves_no_half_promotion(params, outputs):
+    """A real store in a bad state: a SQLite trigger refuses any alias write on the merged model."""
+    from medlora.promotion import promote_version
+
+    promote_two(params, outputs)
+    database = sqlite3.connect(Path(params.paths.mlruns_dir) / "mlflow.db")
+    for event in ("INSERT", "UPDATE"):
+        database.execute(
+            f"CREATE TRIGGER refuse_{event.lower()} BEFORE {event} ON registered_model_aliases "
+            f"WHEN NEW.name = '{MERGED}' BEGIN SELECT RAISE(ABORT, 'disk quota exceeded'); END"
+        )
+    database.commit()
+    database.close()
+    with pytest.raises(RuntimeError, match=r"failed to point medlora-merged@champion at version 2.*disk quota"):
+        promote_version(params, "2")
+    assert champions(params) == ("1", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_unreachable_store_fails_with_a_clear_message_and_changes_nothing(params, outputs, monkeypatch):
+    from medlora.promotion import promote_version
+    from medlora.registry import RegistryError, register
+
+    promote_two(params, outputs)
+    uri = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    with pytest.raises(RegistryError, match=f"tracking store {uri} is unreachable.*Nothing was changed"):
+        promote_version(params, "2")
+    with pytest.raises(RegistryError, match="unreachable"):
+        register(params)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert champions(params) == ("1", "1")
+
+
+def test_if_promotable_skips_the_merged_model_of_a_failing_candidate(params, outputs):
+    from medlora.promotion import promote_version
+    from medlora.registry import RegistryError, open_registry
+
+    params = dataclasses.replace(params, register=RegisterConfig(register_merged="if_promotable"))
+    pipeline_run(params, outputs[0], gate(-5.0), validation=False)
+    registration, promotion = register_and_promote(params)
+    assert registration["merged"] is None
+    assert "FAIL validation: data validation failed" in registration["merged_skipped"]
+    assert promotion["decision"] == "rejected"
+    assert promotion["reasons"][-1].startswith("FAIL merged_registered")
+    assert open_registry(params).search_model_versions(f"name='{MERGED}'") == []
+    with pytest.raises(RegistryError, match="no merged version"):
+        promote_version(params, "1", force_reason="try anyway")
+
+
+def test_status_table_lists_versions_aliases_and_metrics(params, outputs, capsys):
+    from medlora.registry import format_table, open_registry, status_rows
+
+    promote_two(params, outputs)
+    rows = status_rows(open_registry(params), params)
+    assert [(r["adapter"], r["aliases"], r["merged_aliases"]) for r in rows] == [
+        ("2", "challenger", "challenger"),
+        ("1", "champion", "champion"),
+    ]
+    table = format_table(rows)
+    assert table.splitlines()[0].split()[:3] == ["adapter", "merged", "aliases"]
+    assert "-4" in table.splitlines()[1]
+
+
+def test_adapter_whose_base_is_missing_fails_to_load_with_the_path(params, outputs, tmp_path):
+    import mlflow
+
+    from medlora.registry import register
+
+    pipeline_run(params, outputs[0], gate(-5.0))
+    # A base referenced by path (like a hub preset pointed at a local directory), not shipped with the adapter.
+    base_copy = tmp_path / "elsewhere" / "base_model"
+    shutil.copytree(params.paths.base_model_dir, base_copy)
+    reference_file = Path(params.paths.adapter_dir) / BASE_REFERENCE_FILE
+    write_json(reference_file, {**read_json(reference_file), "name_or_path": str(base_copy)})
+    register(params)
+    assert mlflow.pyfunc.load_model(f"models:/{ADAPTER}/1").unwrap_python_model().model is not None
+    shutil.rmtree(base_copy)
+    with pytest.raises(BaseModelUnavailable, match=f"base model at {base_copy}, which does not exist"):
+        mlflow.pyfunc.load_model(f"models:/{ADAPTER}/1")
+
+
+def test_hub_base_offline_and_corrupt_shipped_base_fail_clearly(outputs, tiny_base_dir, tmp_path, monkeypatch):
+    from medlora.adapter_model import load_adapter, resolve_base
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    adapter = tmp_path / "adapter"
+    shutil.copytree(outputs[0]["adapter"], adapter)
+    reference = read_json(adapter / BASE_REFERENCE_FILE)
+    write_json(adapter / BASE_REFERENCE_FILE, {**reference, "name_or_path": "nvidia/no-such-model", "revision": "abc"})
+    with pytest.raises(BaseModelUnavailable, match=r"nvidia/no-such-model@abc.*HF_HUB_OFFLINE"):
+        load_adapter(adapter)
+    with pytest.raises(BaseModelUnavailable, match="does not match the weights_sha256"):
+        resolve_base({**reference, "weights_sha256": "0" * 64}, tiny_base_dir)
+    with pytest.raises(BaseModelUnavailable, match="neither shipped with it nor named"):
+        resolve_base(reference, None)
+
+
+def test_coverage_verdict_reads_the_forms_train_json_may_use():
+    from medlora.registry import coverage_verdict
+
+    assert coverage_verdict({"coverage": {"passed": True, "missing": []}}) is True
+    assert coverage_verdict({"coverage": {"success": False}}) is False
+    assert coverage_verdict({"coverage": "failed"}) is False
+    assert coverage_verdict({"coverage": True}) is True
+    assert coverage_verdict({}) is None
+
+
+def test_promote_gates_come_from_params(params, outputs):
+    from medlora.promotion import promote_version
+    from medlora.registry import register
+
+    params = dataclasses.replace(params, promote=PromoteConfig(min_value=-4.5))
+    pipeline_run(params, outputs[0], gate(-5.0))
+    register(params)
+    report = promote_version(params, "1")
+    assert report["decision"] == "rejected"
+    assert "FAIL min_value: medmcqa_chat_loglik/answer_loglik -5 < -4.5" in report["reasons"]
