@@ -279,22 +279,38 @@ def test_a_forced_promotion_that_fails_halfway_leaves_no_force_record(params, ou
         assert not any(key.startswith("forced_") for key in open_registry(params).get_model_version(name, "2").tags)
 
 
-def test_a_store_refusing_the_second_write_leaves_no_half_promotion(params, outputs):
-    """A real store in a bad state: a SQLite trigger refuses any alias write on the merged model."""
-    from medlora.promotion import promote_version
-
-    promote_two(params, outputs)
+def refuse_alias_writes(params: Params, name: str) -> None:
+    """Put the real store in a bad state: a SQLite trigger refuses every alias write on model `name`."""
     database = sqlite3.connect(Path(params.paths.mlruns_dir) / "mlflow.db")
     for event in ("INSERT", "UPDATE"):
         database.execute(
             f"CREATE TRIGGER refuse_{event.lower()} BEFORE {event} ON registered_model_aliases "
-            f"WHEN NEW.name = '{MERGED}' BEGIN SELECT RAISE(ABORT, 'disk quota exceeded'); END"
+            f"WHEN NEW.name = '{name}' AND NEW.alias = 'champion' BEGIN SELECT RAISE(ABORT, 'disk quota exceeded'); END"
         )
     database.commit()
     database.close()
+
+
+def test_a_store_refusing_the_second_write_leaves_no_half_promotion(params, outputs):
+    from medlora.promotion import promote_version
+
+    promote_two(params, outputs)
+    refuse_alias_writes(params, MERGED)
     with pytest.raises(RuntimeError, match=r"failed to point medlora-merged@champion at version 2.*disk quota"):
         promote_version(params, "2")
     assert champions(params) == ("1", "1")
+
+
+def test_a_first_promotion_failing_halfway_leaves_no_champion_at_all(params, outputs):
+    from medlora.promotion import promote_stage
+    from medlora.registry import register
+
+    pipeline_run(params, outputs[0], gate(-5.0))
+    write_json(Path(params.paths.reports_dir) / "registration.json", register(params))
+    refuse_alias_writes(params, MERGED)
+    with pytest.raises(RuntimeError, match="undid 1 earlier write"):
+        promote_stage(params)
+    assert champions(params) == (None, None)
 
 
 def free_port() -> int:

@@ -195,3 +195,12 @@ def test_restore_without_data_dvc_says_to_snapshot(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="run `medlora snapshot`"):
         restore(SnapshotConfig(), "data/medmcqa")
+
+
+def test_restore_pulls_a_non_synthetic_snapshot_from_a_remote(repo, tmp_path):
+    assert dvc("remote", "add", "-d", "storage", str(tmp_path / "remote"), cwd=repo).returncode == 0
+    assert dvc("push", "data.dvc", cwd=repo).returncode == 0
+    shutil.rmtree(repo / "data")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    assert restore(SnapshotConfig(**{**SMALL, "source": "hub"}), "data/medmcqa") == "pull"
+    assert json.loads(dvc("status", "--json", "data.dvc", cwd=repo).stdout) == {}

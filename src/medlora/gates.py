@@ -103,7 +103,9 @@ def check_champion(candidate: Candidate, champion: Champion | None, gates: Promo
     head = f"{candidate.metric} {_fmt(candidate.value)} vs champion v{champion.version} {_fmt(champion.value)}"
     tolerated = delta >= -gates.champion_tolerance
     beats = delta > gates.champion_margin  # a tie never replaces the champion
-    tolerance_text = f"{head}: delta {_fmt(delta)} {'>=' if tolerated else '<'} -{_fmt(gates.champion_tolerance)}"
+    tolerance_text = (
+        f"{head}: delta {_fmt(delta)} {'>=' if tolerated else '<'} {_fmt(-gates.champion_tolerance or 0.0)}"
+    )
     margin_text = f"{head}: delta {_fmt(delta)} {'>' if beats else '<='} {_fmt(gates.champion_margin)}"
     return [_line(tolerated, "champion_tolerance", tolerance_text), _line(beats, "champion_margin", margin_text)]
 

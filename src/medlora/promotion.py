@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 HISTORY_TAG = "champion_history"
 PREVIOUS_TAG = "previous_champion"
 
+Step = tuple[str, Callable[[], None], Callable[[], None]]  # (what it does, do, undo)
+
 
 def set_alias(client: Any, name: str, alias: str, version: str | None) -> None:
     """Point `alias` of `name` at `version` (None deletes it). The one place aliases are written."""
@@ -44,19 +46,21 @@ def set_alias(client: Any, name: str, alias: str, version: str | None) -> None:
 
 
 def read_history(client: Any, name: str) -> list[str]:
+    """Versions that held `champion` before the current one, oldest first."""
     value = client.get_registered_model(name).tags.get(HISTORY_TAG, "")
     return [v for v in value.split(",") if v]
 
 
 def write_history(client: Any, name: str, history: list[str]) -> None:
+    """Replace the champion history of `name`; `previous_champion` shows its top (absent when it is empty)."""
     client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
     if history:
         client.set_registered_model_tag(name, PREVIOUS_TAG, history[-1])
-    else:
+    elif PREVIOUS_TAG in client.get_registered_model(name).tags:
         client.delete_registered_model_tag(name, PREVIOUS_TAG)
 
 
-def run_transaction(steps: list[tuple[str, Callable[[], None], Callable[[], None]]]) -> None:
+def run_transaction(steps: list[Step]) -> None:
     """Run (description, do, undo) steps in order; on a failure undo the done ones in reverse, then raise.
 
     Raises RegistryError saying which step failed and whether the undo restored the state before the transaction.
@@ -82,9 +86,6 @@ def run_transaction(steps: list[tuple[str, Callable[[], None], Callable[[], None
         done.append((description, undo))
 
 
-Step = tuple[str, Callable[[], None], Callable[[], None]]
-
-
 def move_champion(
     client: Any, targets: dict[str, str], pop_history: bool = False, first: list[Step] | None = None
 ) -> dict[str, str | None]:
@@ -103,7 +104,7 @@ def move_champion(
         elif before[name] is not None and before[name] != version:
             new = [*old, before[name]]
         else:
-            new = old
+            continue  # nothing to record (first promotion, or the champion promoted again)
         steps.append(
             (
                 f"record the previous champion of {name}",
@@ -259,7 +260,8 @@ def promote_command(args: Any) -> int:
     if args.force and not args.reason:
         raise ValueError("--force needs --reason TEXT: the override is recorded on the version")
     report = promote_version(load_params(args.params), args.version, force_reason=args.reason if args.force else None)
-    print(f"{report['decision']}: {report['candidate']} (champion before {report['champion_before']})")
+    decision = report["decision"] + (" by force (recorded on the versions)" if report["forced"] else "")
+    print(f"{decision}: {report['candidate']} (champion before {report['champion_before']})")
     for reason in report["reasons"]:
         print(f"  {reason}")
     return 0 if report["decision"] == "promoted" else 1

@@ -217,7 +217,8 @@ def recorded_md5(dvc_file: str | Path) -> str:
 
 
 def restore(config: SnapshotConfig, data_dir: str | Path) -> str:
-    """Make the snapshot match its .dvc file: "clean", "checkout" (from the DVC cache) or "regenerated".
+    """Make the snapshot match its .dvc file; returns how: "clean", "checkout" (DVC cache), "pull" (a DVC
+    remote, when one is configured) or "regenerated" (synthetic source, no cache or remote needed).
 
     Regeneration (synthetic source only) never rewrites the .dvc file; it is accepted only when `dvc status`
     is clean afterwards. Raises FileNotFoundError without a .dvc file and RuntimeError when the snapshot
@@ -233,10 +234,15 @@ def restore(config: SnapshotConfig, data_dir: str | Path) -> str:
     if run_dvc("checkout", str(dvc_file), check=False).returncode == 0 and dvc_status_clean(dvc_file):
         log.info("restored %s from the DVC cache", tracked)
         return "checkout"
+    remotes = run_dvc("remote", "list", check=False).stdout.strip()
+    if remotes and run_dvc("pull", str(dvc_file), check=False).returncode == 0 and dvc_status_clean(dvc_file):
+        log.info("pulled %s from the DVC remote", tracked)
+        return "pull"
     if config.source != "synthetic":
         raise RuntimeError(
-            f"{tracked} is not in the DVC cache and snapshot.source is {config.source!r}, which cannot be "
-            f"regenerated offline: `dvc pull` it from your remote, or rerun `medlora snapshot --source {config.source}`"
+            f"{tracked} is neither in the DVC cache nor on a DVC remote, and snapshot.source {config.source!r} cannot "
+            f"be regenerated offline: configure the remote and `dvc pull`, or rerun `medlora snapshot --source "
+            f"{config.source}`"
         )
     recorded = dvc_file.read_bytes()
     log.info("regenerating the synthetic snapshot (seed %d) into %s", config.seed, data_dir)

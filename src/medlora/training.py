@@ -107,7 +107,7 @@ def train(params: Params) -> dict[str, Any]:
     import mlflow
     import torch
 
-    from medlora import coverage, monitoring, tracking
+    from medlora import coverage, monitoring
 
     paths, has_gpu = params.paths, torch.cuda.is_available()
     reports = Path(paths.reports_dir)
@@ -135,27 +135,31 @@ def train(params: Params) -> dict[str, Any]:
         coverage.require_coverage(verdict)
     logger.info("coverage gate: %s", verdict.message)
 
-    run = tracking.resume_pipeline_run(params, run_id) if run_id else tracking.start_pipeline_run(params, "train")
+    run = open_run(params, run_id)
     report["mlflow_run_id"] = run.info.run_id
     mlflow.log_dict(report, "train/coverage.json")
     targeted = [block for block, count in counts.items() if count and block != "other"]
     monitor = monitoring.TrainingMonitor(params.train.learning_rate, params.train.loss_explosion_factor)
     gradients = coverage.GradientCoverageCallback(targeted)
-    trainer = sft_trainer_class(backend, has_gpu)(
-        model=model,
-        args=sft_config(params.train, paths.checkpoints_dir, has_gpu),
-        train_dataset=load_formatted(formatted / "train.jsonl"),
-        eval_dataset=load_formatted(formatted / "early_stop.jsonl"),
-        processing_class=tokenizer,
-        callbacks=[monitor, gradients, mark_checkpoint_callback(fingerprint, run.info.run_id)],
-    )
-    if checkpoint is not None:
-        logger.info("resumed from checkpoint %s (global step %d)", checkpoint, checkpoint_step(checkpoint))
-    start = time.monotonic()
+    trainer = None
     try:
+        trainer = sft_trainer_class(backend, has_gpu)(
+            model=model,
+            args=sft_config(params.train, paths.checkpoints_dir, has_gpu),
+            train_dataset=load_formatted(formatted / "train.jsonl"),
+            eval_dataset=load_formatted(formatted / "early_stop.jsonl"),
+            processing_class=tokenizer,
+            callbacks=[monitor, gradients, mark_checkpoint_callback(fingerprint, run.info.run_id)],
+        )
+        if checkpoint is not None:
+            logger.info("resumed from checkpoint %s (global step %d)", checkpoint, checkpoint_step(checkpoint))
+        start, start_tokens = time.monotonic(), trainer.state.num_input_tokens_seen
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        seconds = time.monotonic() - start
+        save_adapter(trainer.model, tokenizer, paths.base_model_dir, paths.adapter_dir)
     except BaseException as error:
-        write_history_and_plot(trainer.state.log_history, reports)
+        if trainer is not None:
+            write_history_and_plot(trainer.state.log_history, reports)
         if isinstance(error, torch.OutOfMemoryError):
             error.add_note(
                 "Common Issues: 'OOM errors' -> reduce train.per_device_train_batch_size, increase "
@@ -163,41 +167,55 @@ def train(params: Params) -> dict[str, Any]:
             )
         mlflow.end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
-    seconds = time.monotonic() - start
-    save_adapter(trainer.model, tokenizer, paths.base_model_dir, paths.adapter_dir)
-    evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
-    trains = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    state = trainer.state
+    evals = [e["eval_loss"] for e in state.log_history if "eval_loss" in e]
+    trains = [e["loss"] for e in state.log_history if "loss" in e]
+    resumed_from = checkpoint_step(checkpoint) if checkpoint else None
     report["coverage"]["gradient_check"] = gradients.verdict.to_dict() if gradients.verdict else None
     report["coverage"]["passed"] = verdict.passed and (gradients.verdict is None or gradients.verdict.passed)
     report.update(
-        global_step=trainer.state.global_step,
-        resumed_from_step=checkpoint_step(checkpoint) if checkpoint else None,
-        steps_this_run=trainer.state.global_step - (checkpoint_step(checkpoint) if checkpoint else 0),
+        global_step=state.global_step,
+        resumed_from_step=resumed_from,
+        steps_this_run=state.global_step - (resumed_from or 0),
         train_loss=trains[-1] if trains else None,
         eval_loss_initial=evals[0] if evals else None,
         eval_loss_final=evals[-1] if evals else None,
-        train_seconds=round(seconds, 2),
-        tokens_per_second=round(sum(monitor.tokens_per_second) / len(monitor.tokens_per_second), 1)
-        if monitor.tokens_per_second
-        else None,
+        train_seconds=round(seconds, 2),  # this process's trainer.train(), periodic evals included
+        train_tokens=state.num_input_tokens_seen - start_tokens,  # non-padding tokens trained on in this process
+        tokens_per_second=round((state.num_input_tokens_seen - start_tokens) / seconds, 1),
         peak_memory_mb=round(monitoring.peak_memory_mb(), 1),
         device="cuda" if has_gpu else "cpu",
     )
     write_json(reports / "train.json", report)
-    write_history_and_plot(trainer.state.log_history, reports)
+    write_history_and_plot(state.log_history, reports)
     mlflow.log_metrics({k: float(report[k]) for k in ("eval_loss_initial", "eval_loss_final") if report[k] is not None})
     for name in ("train.json", "train_history.csv", "plots/train_loss.png"):
         mlflow.log_artifact(str(reports / name), artifact_path="train")
     mlflow.end_run()
     logger.info(
-        "trained %d steps in %.1f s; eval loss %s -> %s; adapter in %s",
+        "trained %d steps in %.1f s (%.0f tokens/s); eval loss %s -> %s; adapter in %s",
         report["steps_this_run"],
         seconds,
+        report["tokens_per_second"],
         report["eval_loss_initial"],
         report["eval_loss_final"],
         paths.adapter_dir,
     )
     return report
+
+
+def open_run(params: Params, run_id: str) -> Any:
+    """Reopen the MLflow run a resumed checkpoint belongs to (one run per pipeline run), else start one."""
+    from mlflow.exceptions import MlflowException
+
+    from medlora import tracking
+
+    if run_id:
+        try:
+            return tracking.resume_pipeline_run(params, run_id)
+        except MlflowException as error:
+            logger.warning("cannot reopen MLflow run %s (%s): starting a new run", run_id, error)
+    return tracking.start_pipeline_run(params, "train")
 
 
 def write_history_and_plot(log_history: list[dict[str, Any]], reports: Path) -> None:

@@ -170,11 +170,11 @@ def expectation_specs(split: str, config: ValidateConfig) -> list[tuple[str, str
 def gx_context() -> Any:
     """An ephemeral GX context (nothing on disk), quiet: no progress bars, no usage statistics."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # its import logs every decorator at INFO
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # it logs every decorator at INFO
-
+    logging.getLogger("great_expectations.data_context.types.base").setLevel(logging.WARNING)  # it sets INFO itself
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
     return context
