@@ -19,11 +19,9 @@ every parameter: 30B x 12 bytes = 360 GB.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from medlora.config import LoraParams, Params, TrainConfig, load_params
@@ -31,7 +29,6 @@ from medlora.presets import get_preset
 
 logger = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).parent / "assets"
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ACTIVATION_BYTES_PER_HIDDEN = 34  # per token per layer, at 2-byte precision (Korthikanti et al. 2022)
@@ -105,18 +102,15 @@ def lora_memory(
 
 
 def preset_config(params: Params, preset_name: str) -> Any:
-    """The architecture config of a preset without downloading weights."""
+    """The architecture config of a preset without downloading weights (shipped file, tiny builder, or hub)."""
     from transformers import AutoConfig
 
-    preset = get_preset(preset_name)
-    shipped = ASSETS / f"{preset_name}.config.json"
-    if shipped.exists():
-        raw = json.loads(shipped.read_text())
-        model_type = raw.pop("model_type")
-        return AutoConfig.for_model(model_type, **raw)
-    if preset.hub_id is None and preset.name == "tiny-nemotron-h":
-        from medlora.presets import TINY_VOCAB, tiny_nemotron_h_config
+    from medlora.presets import TINY_VOCAB, published_config, tiny_nemotron_h_config
 
+    preset = get_preset(preset_name)
+    if preset.architecture_config is not None:
+        return published_config(preset_name)
+    if preset.hub_id is None and preset.name == "tiny-nemotron-h":
         return tiny_nemotron_h_config(TINY_VOCAB, 0, 1, 3)
     name = params.model.name_or_path or preset.hub_id
     return AutoConfig.from_pretrained(name, revision=params.model.revision or preset.revision)
