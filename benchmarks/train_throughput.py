@@ -1,19 +1,20 @@
 """Train-stage throughput on the embedded default: wall time, tokens/s and answer-token loss before/after.
 
-    python benchmarks/train_throughput.py [--threads 1 2] [--max-steps N]
+    python benchmarks/train_throughput.py [--threads 1 2] [--repeats N] [--variant train.learning_rate=0.005,...]
 
 Builds the inputs the way the pipeline does (synthetic snapshot train split -> tiny NemotronH base -> format) in
 a temp directory, then runs `pipelines/train.py` there once per thread count with params.yaml's `lora`/`train`
-sections, each in a fresh process (OMP_NUM_THREADS must be set before torch loads). Runs alternate between
-thread counts when --repeats > 1: CPU timings on 2 shared cores drift (FINDINGS).
+sections (each --variant overrides some `section.key=value`), each in a fresh process (OMP_NUM_THREADS must be
+set before torch loads). Runs alternate between thread counts and variants: CPU timings on 2 shared cores drift
+(FINDINGS). Prints one JSON line per run, with the eval (answer-token) loss curve.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,9 +44,15 @@ def build_inputs(work: Path, params) -> None:
     )
 
 
-def run_once(work: Path, threads: int) -> dict:
-    for stale in ("outputs/checkpoints", "outputs/adapter"):
-        subprocess.run(["rm", "-rf", str(work / stale)], check=True)
+def run_once(work: Path, raw: dict, variant: str, threads: int) -> dict:
+    raw = json.loads(json.dumps(raw))
+    for assignment in filter(None, variant.split(",")):
+        key, value = assignment.split("=", 1)
+        section, name = key.split(".", 1)
+        raw[section][name] = yaml.safe_load(value)
+    (work / "params.yaml").write_text(yaml.safe_dump(raw))
+    for stale in ("outputs/checkpoints", "outputs/adapter"):  # a repeated variant must not resume
+        shutil.rmtree(work / stale, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
     start = time.monotonic()
     subprocess.run(
@@ -57,6 +64,8 @@ def run_once(work: Path, threads: int) -> dict:
         stderr=(work / f"train-{threads}.log").open("w"),
     )
     report = json.loads((work / "reports" / "train.json").read_text())
+    history = (work / "reports" / "train_history.csv").read_text().splitlines()[1:]
+    curve = {int(r.split(",")[0]): round(float(r.split(",")[2]), 3) for r in history if r.split(",")[2]}
     keys = (
         "global_step",
         "train_seconds",
@@ -65,7 +74,12 @@ def run_once(work: Path, threads: int) -> dict:
         "eval_loss_final",
         "peak_memory_mb",
     )
-    return {"threads": threads, "stage_wall_seconds": round(time.monotonic() - start, 1)} | {k: report[k] for k in keys}
+    run = {
+        "variant": variant or "params.yaml",
+        "threads": threads,
+        "stage_wall_seconds": round(time.monotonic() - start, 1),
+    }
+    return run | {k: report[k] for k in keys} | {"eval_loss_curve": curve}
 
 
 def main() -> None:
@@ -74,20 +88,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--max-steps", type=int, default=None, help="default: train.max_steps in params.yaml")
+    parser.add_argument("--variant", action="append", default=None, help="section.key=value[,...] overrides")
     args = parser.parse_args()
     params = load_params(ROOT / "params.yaml")
-    if args.max_steps:
-        params = dataclasses.replace(params, train=dataclasses.replace(params.train, max_steps=args.max_steps))
     with tempfile.TemporaryDirectory(prefix="medlora-train-bench-") as tmp:
         work = Path(tmp)
         build_inputs(work, params)
         raw = params.to_dict()
         raw["paths"] |= {"formatted_dir": "outputs/formatted", "base_model_dir": "outputs/base_model"}
-        (work / "params.yaml").write_text(yaml.safe_dump(raw))
-        results = [run_once(work, t) for _ in range(args.repeats) for t in args.threads]
-    for result in results:
-        print(json.dumps(result))
+        for _ in range(args.repeats):
+            for variant in args.variant or [""]:
+                for threads in args.threads:
+                    print(json.dumps(run_once(work, raw, variant, threads)), flush=True)
 
 
 if __name__ == "__main__":
