@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import example_rows
 
+from conftest import example_rows
 from medlora.config import MergeConfig, Params, PathsConfig
 from medlora.merging import MergeParityError, batch_logits, merge, merge_adapter, parity_batch
 from medlora.presets import NEMOTRON_H_TARGETS

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PROJECT_ROOT, example_rows
 
+from conftest import PROJECT_ROOT, example_rows
 from medlora.backends import UnslothUnavailable, cpu_fallbacks, lora_kwargs, resolve_backend, sft_config
 from medlora.config import LoraParams, Params, PathsConfig, TrainConfig
 from medlora.coverage import CoverageError
@@ -93,7 +93,7 @@ def test_sft_config_takes_train_params_under_their_own_names():
 def test_lora_kwargs_pass_names_through_and_refuse_dropout_on_routed_experts():
     kwargs = lora_kwargs(LoraParams())
     assert kwargs["target_modules"] == list(LoraParams().target_modules) and "required_blocks" not in kwargs
-    with pytest.raises(ValueError, match="needs lora.lora_dropout: 0"):
+    with pytest.raises(ValueError, match=r"needs lora\.lora_dropout: 0"):
         lora_kwargs(LoraParams(target_parameters=("mixer.experts.up_proj",), lora_dropout=0.05))
 
 

@@ -143,9 +143,14 @@ def load_formatted(path: str | Path) -> Any:
     return Dataset.from_list(rows)
 
 
-def load_peft_model(backend: str, base_dir: str | Path, lora: LoraParams, train: TrainConfig, has_gpu: bool):
-    """(PEFT model, tokenizer) through the chosen backend; on CPU the weights are loaded as float32."""
-    from transformers import set_seed
+def load_peft_model(
+    backend: str, base_dir: str | Path, lora: LoraParams, train: TrainConfig, has_gpu: bool
+) -> tuple[Any, Any]:
+    """(PEFT model, tokenizer) through the chosen backend; on CPU the weights are loaded as float32.
+
+    The tokenizer is always the base directory's (the one the format stage tokenized with).
+    """
+    from transformers import AutoTokenizer, set_seed
 
     from medlora.modeling import load_base_model, weights_location
 
@@ -156,20 +161,17 @@ def load_peft_model(backend: str, base_dir: str | Path, lora: LoraParams, train:
         from unsloth import FastLanguageModel
 
         location, revision = weights_location(base_dir)
-        model, tokenizer = FastLanguageModel.from_pretrained(
+        model, _ = FastLanguageModel.from_pretrained(
             model_name=location,
             revision=revision,
             dtype=None if has_gpu else torch.float32,
             load_in_4bit=False,
             use_gradient_checkpointing=train.gradient_checkpointing,
         )
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(base_dir))  # the base dir's tokenizer, as for hf
         model = FastLanguageModel.get_peft_model(
             model, **kwargs, random_state=train.seed, use_gradient_checkpointing=train.gradient_checkpointing
         )
-        return model, tokenizer
+        return model, AutoTokenizer.from_pretrained(str(base_dir))
     from peft import LoraConfig, get_peft_model
 
     model, tokenizer = load_base_model(base_dir, torch_dtype=None if has_gpu else "float32")
