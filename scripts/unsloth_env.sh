@@ -20,9 +20,7 @@ BIN="$VENV/bin"
 MARKER="$VENV/.installed-$UNSLOTH_VERSION"
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1
-export TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-
-
+export TOKENIZERS_PARALLELISM=false
 
 if [[ ! -f "$MARKER" || pyproject.toml -nt "$MARKER" ]]; then
   start=$(date +%s)
@@ -63,9 +61,5 @@ EOF
 fi
 
 "$BIN/python" -c "import unsloth, torch; print('unsloth', unsloth.__version__, 'torch', torch.__version__)"
-set +e
-"$BIN/pytest" -q -m unsloth -p no:cacheprovider tests
-status=$?
-set -e
-# pytest exits 5 when it collected no test: that is a failure here, the target exists to run them.
-exit $status
+# pytest exits 5 when no test was selected: a failure here too, the target exists to run them.
+OMP_NUM_THREADS=1 exec "$BIN/pytest" -q -m unsloth -p no:cacheprovider tests

@@ -27,10 +27,6 @@ UNSLOTH_HINT = (
 )
 LORA_OWN_KEYS = {"required_blocks"}  # lora.* keys that feed our coverage gate, not LoraConfig
 TRAIN_OWN_KEYS = {"backend", "loss_explosion_factor"}  # train.* keys that feed us, not SFTConfig
-BATCHING = (
-    "length-grouped batches with dynamic padding (packing/padding_free are off: they fail on NemotronH without "
-    "the CUDA-only mamba_ssm)"
-)
 
 
 class UnslothUnavailable(RuntimeError):
@@ -56,6 +52,15 @@ def resolve_backend(name: str) -> str:
     if name == "auto":
         logger.info("train.backend auto: unsloth imports; using unsloth")
     return "unsloth"
+
+
+def batching(train: TrainConfig) -> str:
+    """How batches are built, for the log and reports/train.json."""
+    kind = "length-grouped" if train.train_sampling_strategy == "group_by_length" else train.train_sampling_strategy
+    return (
+        f"{kind} batches of {train.per_device_train_batch_size} with dynamic padding (packing/padding_free off: "
+        "they fail on NemotronH without the CUDA-only mamba_ssm)"
+    )
 
 
 def cpu_fallbacks(train: TrainConfig, has_gpu: bool) -> tuple[dict[str, Any], list[str]]:

@@ -98,17 +98,17 @@ class LoraParams:
 @dataclass(frozen=True)
 class TrainConfig:
     backend: Literal["hf", "unsloth", "auto"] = "hf"
-    learning_rate: float = 2e-3
+    learning_rate: float = 5e-3
     warmup_steps: int = 10
     per_device_train_batch_size: int = 16
     gradient_accumulation_steps: int = 1
     num_train_epochs: float = 1
-    max_steps: int = 120
+    max_steps: int = 80
     optim: str = "adamw_torch"
     weight_decay: float = 0.01
     lr_scheduler_type: str = "cosine"
     logging_steps: int = 5
-    eval_steps: int = 40
+    eval_steps: int = 20
     save_steps: int = 40
     save_total_limit: int = 2
     bf16: bool = False

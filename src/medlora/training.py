@@ -95,7 +95,7 @@ def train(params: Params) -> dict[str, Any]:
     UnslothUnavailable, or ValueError for bad params/inputs; the MLflow run is then marked FAILED.
     """
     from medlora.backends import (
-        BATCHING,
+        batching,
         load_formatted,
         load_peft_model,
         resolve_backend,
@@ -122,14 +122,14 @@ def train(params: Params) -> dict[str, Any]:
     )
     report: dict[str, Any] = {
         "backend": backend,
-        "batching": BATCHING,
+        "batching": batching(params.train),
         "trainable_params_by_block": counts,
         "trainable_params": sum(counts.values()),
         "total_params": sum(p.numel() for p in model.parameters()),
         "coverage": verdict.to_dict(),
         **fingerprint,
     }
-    logger.info("backend %s; %s; trainable parameters by block: %s", backend, BATCHING, counts)
+    logger.info("backend %s; %s; trainable parameters by block: %s", backend, report["batching"], counts)
     if not verdict.passed:
         write_json(reports / "train.json", report)
         coverage.require_coverage(verdict)
