@@ -76,3 +76,20 @@ def test_parse_memory(text, gib):
 def test_parse_memory_rejects_garbage():
     with pytest.raises(ValueError, match="80GiB"):
         parse_memory("eighty gigs")
+
+
+def test_train_stage_refuses_before_loading_weights_when_declared_memory_is_too_small():
+    from medlora.training import refuse_if_over_memory
+
+    params = parse_params({"train": {"gpu_memory": "1MiB"}})
+    with pytest.raises(RuntimeError, match=r"but the GPU has 0\.0 GiB"):
+        refuse_if_over_memory(params)
+    refuse_if_over_memory(parse_params({"train": {"gpu_memory": "1GiB"}}))  # the tiny model fits in 1 GiB
+
+
+def test_production_params_fit_the_gpu_they_declare():
+    from medlora.config import load_params
+    from medlora.training import refuse_if_over_memory
+    from tests.conftest import PROJECT_ROOT
+
+    refuse_if_over_memory(load_params(PROJECT_ROOT / "configs" / "nemotron-3-nano-30b-a3b.yaml"))

@@ -117,6 +117,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     loss_explosion_factor: float = 10.0
+    gpu_memory: str | None = None
 
 
 @dataclass(frozen=True)

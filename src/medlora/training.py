@@ -115,6 +115,8 @@ def train(params: Params) -> dict[str, Any]:
     fingerprint = training_fingerprint(params, formatted, paths.base_model_dir)
     checkpoint, run_id = find_resumable_checkpoint(paths.checkpoints_dir, fingerprint)
 
+    if params.train.gpu_memory:
+        refuse_if_over_memory(params)
     model, tokenizer = load_peft_model(backend, paths.base_model_dir, params.lora, params.train, has_gpu)
     counts = coverage.trainable_params_by_block(model)
     verdict = coverage.check_coverage(
@@ -202,6 +204,15 @@ def train(params: Params) -> dict[str, Any]:
         paths.adapter_dir,
     )
     return report
+
+
+def refuse_if_over_memory(params: Params) -> None:
+    """Before loading any weights: stop when `medlora plan`'s estimate exceeds the declared `train.gpu_memory`."""
+    from medlora.planning import check_fits, parse_memory, plan
+
+    report = plan(params)
+    check_fits(report, parse_memory(params.train.gpu_memory), params.train.gradient_checkpointing)
+    logger.info("memory plan fits train.gpu_memory %s", params.train.gpu_memory)
 
 
 def open_run(params: Params, run_id: str) -> Any:
