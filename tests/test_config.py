@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.conftest import PROJECT_ROOT
 
 from medlora.config import ConfigError, Params, load_params, parse_params
-from tests.conftest import PROJECT_ROOT
 
 SHIPPED_PARAMS = sorted([PROJECT_ROOT / "params.yaml", *(PROJECT_ROOT / "configs").glob("*.yaml")])
 

@@ -21,8 +21,15 @@ def test_seed_table_full_finetune_of_30b_is_360_gb():
 def test_seed_table_lora_r16_of_30b_is_about_60_gb_and_6x_less():
     # Seed: LoRA (rank=16) ~30M trainable -> ~60 GB (the frozen bf16 weights dominate); "6x less".
     estimate = lora_memory(
-        30e9, 30e6, weight_bytes=2, hidden_size=2688, num_layers=52, vocab_size=131072,
-        batch_size=1, sequence_length=1, gradient_checkpointing=True,
+        30e9,
+        30e6,
+        weight_bytes=2,
+        hidden_size=2688,
+        num_layers=52,
+        vocab_size=131072,
+        batch_size=1,
+        sequence_length=1,
+        gradient_checkpointing=True,
     )
     without_activations = estimate.total_gib - estimate.activations_gib - estimate.logits_gib
     assert 60.0 <= without_activations * GIB / GB <= 61.0
@@ -88,8 +95,9 @@ def test_train_stage_refuses_before_loading_weights_when_declared_memory_is_too_
 
 
 def test_production_params_fit_the_gpu_they_declare():
+    from tests.conftest import PROJECT_ROOT
+
     from medlora.config import load_params
     from medlora.training import refuse_if_over_memory
-    from tests.conftest import PROJECT_ROOT
 
     refuse_if_over_memory(load_params(PROJECT_ROOT / "configs" / "nemotron-3-nano-30b-a3b.yaml"))
