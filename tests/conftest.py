@@ -67,3 +67,10 @@ def shared_medmcqa() -> Path:
     if not SHARED_MEDMCQA.is_dir():
         pytest.skip("../shared/medmcqa is not present")
     return SHARED_MEDMCQA
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri(monkeypatch):
+    """mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into os.environ; one test's store must not leak into the
+    next test (or the stage subprocesses it starts). Tests that want a server set it themselves."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

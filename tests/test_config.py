@@ -68,3 +68,15 @@ def test_params_hash_changes_with_any_value_and_flat_names_match_dvc():
 def test_missing_params_file_says_where(tmp_path):
     with pytest.raises(ConfigError, match="no such params file"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_tracking_store_follows_the_project_not_the_previous_one(tmp_path, monkeypatch):
+    # mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into the environment; that must not pin later projects.
+    from medlora.tracking import configure_tracking, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first, second = (parse_params({"paths": {"mlruns_dir": str(tmp_path / name)}}) for name in ("a", "b"))
+    configure_tracking(first)
+    assert tracking_uri(second.paths.mlruns_dir).endswith("/b/mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")  # a user's shared server wins
+    assert tracking_uri(second.paths.mlruns_dir) == "http://127.0.0.1:5999"

@@ -17,7 +17,14 @@ import pytest
 import yaml
 
 from conftest import PROJECT_ROOT, example_rows
-from medlora.backends import UnslothUnavailable, cpu_fallbacks, lora_kwargs, resolve_backend, sft_config
+from medlora.backends import (
+    TRAIN_OWN_KEYS,
+    UnslothUnavailable,
+    cpu_fallbacks,
+    lora_kwargs,
+    resolve_backend,
+    sft_config,
+)
 from medlora.config import LoraParams, Params, PathsConfig, TrainConfig
 from medlora.coverage import CoverageError
 from medlora.training import CHECKPOINT_MARK, find_resumable_checkpoint
@@ -84,7 +91,7 @@ def test_sft_config_takes_train_params_under_their_own_names():
     train = TrainConfig(learning_rate=3e-4, warmup_steps=7, gradient_accumulation_steps=2, save_steps=11)
     args = sft_config(train, "unused", has_gpu=False)
     for field in dataclasses.fields(TrainConfig):
-        if field.name not in ("backend", "loss_explosion_factor"):
+        if field.name not in TRAIN_OWN_KEYS:
             value = getattr(args, field.name)
             assert getattr(value, "value", value) == getattr(train, field.name), field.name
     assert args.completion_only_loss is True and args.packing is False and args.padding_free is False
@@ -184,6 +191,7 @@ def test_target_list_without_mamba_fails_before_training(tmp_path, tiny_base_dir
 
 def run_stage(project: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # set by earlier tests' mlflow.set_tracking_uri; each stage has its own store
     return subprocess.Popen(
         [sys.executable, str(PROJECT_ROOT / "pipelines" / "train.py")],
         cwd=project,
@@ -235,3 +243,32 @@ def test_unsloth_backend_trains_the_tiny_model_on_cpu(tmp_path, tiny_base_dir, f
     assert report["coverage"]["gradient_check"]["passed"] and report["global_step"] == 6
     assert report["eval_loss_final"] < report["eval_loss_initial"]
     assert (tmp_path / "outputs" / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes_agrees_across_ranks_and_saves_one_adapter(tmp_path, tiny_base_dir, formatted_dir):
+    # The same `accelerate launch` a multi-GPU user runs, over gloo on 2 CPU processes (configs/accelerate/).
+    params = stage_params(tmp_path, tiny_base_dir, formatted_dir, max_steps=4, save_steps=100, eval_steps=100)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # set by earlier tests' mlflow.set_tracking_uri; each stage has its own store
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(PROJECT_ROOT / "configs" / "accelerate" / "cpu_ddp.yaml"),
+        str(PROJECT_ROOT / "pipelines" / "train.py"),
+    ]  # fmt: skip
+    result = subprocess.run(launch, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "reports" / "train.json").read_text())
+    ddp = report["distributed"]
+    assert ddp["world_size"] == 2 and len(ddp["adapter_checksums"]) == 2
+    assert ddp["ranks_agree"] and ddp["adapter_checksums"][0] == pytest.approx(ddp["adapter_checksums"][1])
+    adapters = [p for p in tmp_path.rglob("adapter_model.safetensors") if "checkpoints" not in p.parts]
+    assert adapters == [tmp_path / "outputs" / "adapter" / "adapter_model.safetensors"]
+    assert not list(tmp_path.rglob("*.partial"))
+
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["medlora"])
+    assert len(runs) == 1, "only the main process may open the pipeline's MLflow run"

@@ -26,7 +26,7 @@ UNSLOTH_HINT = (
     "except torch/torchvision/xformers (scripts/unsloth_env.sh lists how)"
 )
 LORA_OWN_KEYS = {"required_blocks"}  # lora.* keys that feed our coverage gate, not LoraConfig
-TRAIN_OWN_KEYS = {"backend", "loss_explosion_factor"}  # train.* keys that feed us, not SFTConfig
+TRAIN_OWN_KEYS = {"backend", "loss_explosion_factor", "gpu_memory"}  # train.* keys that feed us, not SFTConfig
 
 
 class UnslothUnavailable(RuntimeError):

@@ -23,13 +23,20 @@ logger = logging.getLogger(__name__)
 EXPERIMENT_NAME = "medlora"
 
 
+# `mlflow.set_tracking_uri` also writes MLFLOW_TRACKING_URI into os.environ (so child processes inherit it). A
+# value we put there ourselves is not a user's override: remember it, so a later call for another store (another
+# project directory in the same process, as in tests) is not sent to the first one.
+_uri_set_by_us: str | None = None
+
+
 def tracking_uri(mlruns_dir: str | Path) -> str:
-    """`sqlite:///<absolute>/mlflow.db`, unless MLFLOW_TRACKING_URI says otherwise.
+    """`sqlite:///<absolute>/mlflow.db`, unless the user's MLFLOW_TRACKING_URI says otherwise.
 
     Absolute, because `dvc exp run --temp` and queued experiments run in another directory.
     """
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    from_env = os.environ.get("MLFLOW_TRACKING_URI")
+    if from_env and from_env != _uri_set_by_us:
+        return from_env
     return f"sqlite:///{Path(mlruns_dir).resolve() / 'mlflow.db'}"
 
 
@@ -45,10 +52,12 @@ def configure_tracking(params: Params) -> str:
     import mlflow
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    global _uri_set_by_us
     mlruns = Path(params.paths.mlruns_dir)
     uri = tracking_uri(mlruns)
     if uri.startswith("sqlite:"):
         mlruns.mkdir(parents=True, exist_ok=True)
+        _uri_set_by_us = uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)

@@ -41,7 +41,9 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name.rsplit("-", 1)[-1])
 
 
-def find_resumable_checkpoint(checkpoints_dir: str | Path, fingerprint: dict[str, str]) -> tuple[Path | None, str]:
+def find_resumable_checkpoint(
+    checkpoints_dir: str | Path, fingerprint: dict[str, str], remove_stale: bool = True
+) -> tuple[Path | None, str]:
     """(latest complete checkpoint written with this fingerprint, its MLflow run id) or (None, "").
 
     A checkpoint is complete once the callback marked it (after trainer_state.json, the last file written).
@@ -60,7 +62,7 @@ def find_resumable_checkpoint(checkpoints_dir: str | Path, fingerprint: dict[str
         changed = [key for key, value in fingerprint.items() if saved.get(key) != value]
         logger.warning("checkpoint %s was written with other %s: starting fresh", checkpoint, " and ".join(changed))
         break
-    for checkpoint in candidates:
+    for checkpoint in candidates if remove_stale else []:
         shutil.rmtree(checkpoint)  # stale: would confuse checkpoint rotation and a later resume
     return None, ""
 
@@ -106,14 +108,23 @@ def train(params: Params) -> dict[str, Any]:
     backend = resolve_backend(params.train.backend)  # before transformers: unsloth patches it on import
     import mlflow
     import torch
+    from accelerate import PartialState
 
     from medlora import coverage, monitoring
 
-    paths, has_gpu = params.paths, torch.cuda.is_available()
+    # Under `accelerate launch` every rank runs this function; only the main process owns the MLflow run,
+    # the checkpoint marks, the adapter and the reports (the others would race it for the same files).
+    has_gpu = torch.cuda.is_available()
+    # cpu=True on a CPU machine: with torchrun's env that makes it gloo DDP (MULTI_CPU) instead of one process
+    # that ignores its siblings. The Trainer's Accelerator reuses this shared state.
+    distributed = PartialState(cpu=not has_gpu)
+    is_main = distributed.is_main_process
+    paths = params.paths
     reports = Path(paths.reports_dir)
     formatted = Path(paths.formatted_dir)
     fingerprint = training_fingerprint(params, formatted, paths.base_model_dir)
-    checkpoint, run_id = find_resumable_checkpoint(paths.checkpoints_dir, fingerprint)
+    checkpoint, run_id = find_resumable_checkpoint(paths.checkpoints_dir, fingerprint, remove_stale=is_main)
+    distributed.wait_for_everyone()  # no rank may look at checkpoints while the main one removes stale ones
 
     if params.train.gpu_memory:
         refuse_if_over_memory(params)
@@ -133,16 +144,21 @@ def train(params: Params) -> dict[str, Any]:
     }
     logger.info("backend %s; %s; trainable parameters by block: %s", backend, report["batching"], counts)
     if not verdict.passed:
-        write_json(reports / "train.json", report)
+        if is_main:
+            write_json(reports / "train.json", report)
         coverage.require_coverage(verdict)
     logger.info("coverage gate: %s", verdict.message)
 
-    run = open_run(params, run_id)
-    report["mlflow_run_id"] = run.info.run_id
-    mlflow.log_dict(report, "train/coverage.json")
+    run = open_run(params, run_id) if is_main else None
+    report["mlflow_run_id"] = run.info.run_id if run else None
+    if run:
+        mlflow.log_dict(report, "train/coverage.json")
     targeted = [block for block, count in counts.items() if count and block != "other"]
-    monitor = monitoring.TrainingMonitor(params.train.learning_rate, params.train.loss_explosion_factor)
+    monitor = monitoring.TrainingMonitor(
+        params.train.learning_rate, params.train.loss_explosion_factor, log_to_mlflow=is_main
+    )
     gradients = coverage.GradientCoverageCallback(targeted)
+    callbacks = [monitor, gradients] + ([mark_checkpoint_callback(fingerprint, run.info.run_id)] if run else [])
     trainer = None
     try:
         trainer = sft_trainer_class(backend, has_gpu)(
@@ -151,24 +167,29 @@ def train(params: Params) -> dict[str, Any]:
             train_dataset=load_formatted(formatted / "train.jsonl"),
             eval_dataset=load_formatted(formatted / "early_stop.jsonl"),
             processing_class=tokenizer,
-            callbacks=[monitor, gradients, mark_checkpoint_callback(fingerprint, run.info.run_id)],
+            callbacks=callbacks,
         )
         if checkpoint is not None:
             logger.info("resumed from checkpoint %s (global step %d)", checkpoint, checkpoint_step(checkpoint))
         start, start_tokens = time.monotonic(), trainer.state.num_input_tokens_seen
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         seconds = time.monotonic() - start
-        save_adapter(trainer.model, tokenizer, paths.base_model_dir, paths.adapter_dir)
+        report["distributed"] = ranks_agreement(trainer.model, distributed)
+        if is_main:
+            save_adapter(trainer.model, tokenizer, paths.base_model_dir, paths.adapter_dir)
     except BaseException as error:
-        if trainer is not None:
+        if trainer is not None and is_main:
             write_history_and_plot(trainer.state.log_history, reports)
         if isinstance(error, torch.OutOfMemoryError):
             error.add_note(
                 "Common Issues: 'OOM errors' -> reduce train.per_device_train_batch_size, increase "
                 "train.gradient_accumulation_steps (or turn on train.gradient_checkpointing)"
             )
-        mlflow.end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        if run:
+            mlflow.end_run("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
         raise
+    if not is_main:
+        return report
     state = trainer.state
     evals = [e["eval_loss"] for e in state.log_history if "eval_loss" in e]
     trains = [e["loss"] for e in state.log_history if "loss" in e]
@@ -213,6 +234,20 @@ def refuse_if_over_memory(params: Params) -> None:
     report = plan(params)
     check_fits(report, parse_memory(params.train.gpu_memory), params.train.gradient_checkpointing)
     logger.info("memory plan fits train.gpu_memory %s", params.train.gpu_memory)
+
+
+def ranks_agreement(model: Any, distributed: Any) -> dict[str, Any]:
+    """Every rank's checksum of its trained adapter weights, gathered: DDP must leave them identical."""
+    import torch
+    from accelerate.utils import gather_object
+
+    with torch.no_grad():
+        checksum = sum(float(p.detach().double().abs().sum()) for n, p in model.named_parameters() if p.requires_grad)
+    checksums = gather_object([checksum]) if distributed.num_processes > 1 else [checksum]
+    agree = max(checksums) - min(checksums) <= 1e-6 * max(1.0, abs(checksums[0]))
+    if not agree:
+        raise RuntimeError(f"DDP ranks disagree on the trained adapter weights (checksums {checksums})")
+    return {"world_size": distributed.num_processes, "adapter_checksums": checksums, "ranks_agree": agree}
 
 
 def open_run(params: Params, run_id: str) -> Any:
