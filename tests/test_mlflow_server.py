@@ -23,8 +23,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from medlora.config import Params, PathsConfig
-from test_registry import ADAPTER, MERGED, build_outputs, free_port, gate, pipeline_run, register_and_promote
+from test_registry import (
+    ADAPTER,
+    MERGED,
+    build_outputs,
+    free_port,
+    gate,
+    pipeline_run,
+    project_params,
+    register_and_promote,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -159,14 +167,7 @@ def test_register_and_promote_against_a_tracking_server_with_postgres(
     url = mlflow_server["url"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.chdir(tmp_path)
-    paths = PathsConfig(
-        reports_dir=str(tmp_path / "reports"),
-        base_model_dir=str(tiny_base_dir),
-        adapter_dir=str(tmp_path / "outputs/adapter"),
-        merged_dir=str(tmp_path / "outputs/merged"),
-        mlruns_dir=str(tmp_path / "mlruns"),
-    )
-    params = Params(paths=paths)
+    params = project_params(tmp_path, tiny_base_dir)
     runs = [build_outputs(tiny_base_dir, tmp_path / f"run{seed}", seed) for seed in (1, 2)]
 
     run_id = pipeline_run(params, runs[0], gate(-5.0))

@@ -64,19 +64,24 @@ def outputs(tmp_path_factory, tiny_base_dir) -> list[dict]:
     return [build_outputs(tiny_base_dir, root / f"run{seed}", seed) for seed in (1, 2, 3)]
 
 
-@pytest.fixture
-def params(tmp_path, monkeypatch, tiny_base_dir) -> Params:
-    """Params whose paths all point into a fresh temp project with its own SQLite store."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
+def project_params(root: Path, base_dir: Path) -> Params:
+    """Params whose paths all point into the temp project `root` (its own mlruns/ store) and the given base."""
     paths = PathsConfig(
-        reports_dir=str(tmp_path / "reports"),
-        base_model_dir=str(tiny_base_dir),
-        adapter_dir=str(tmp_path / "outputs/adapter"),
-        merged_dir=str(tmp_path / "outputs/merged"),
-        mlruns_dir=str(tmp_path / "mlruns"),
+        reports_dir=str(root / "reports"),
+        base_model_dir=str(base_dir),
+        adapter_dir=str(root / "outputs/adapter"),
+        merged_dir=str(root / "outputs/merged"),
+        mlruns_dir=str(root / "mlruns"),
     )
     return Params(paths=paths)
+
+
+@pytest.fixture
+def params(tmp_path, monkeypatch, tiny_base_dir) -> Params:
+    """Params for a fresh temp project with its own SQLite store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return project_params(tmp_path, tiny_base_dir)
 
 
 def pipeline_run(params: Params, run: dict, gate_values: dict, validation: bool = True, coverage=True) -> str:
