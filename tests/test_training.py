@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import PROJECT_ROOT, example_rows
@@ -272,3 +273,38 @@ def test_ddp_with_two_cpu_processes_agrees_across_ranks_and_saves_one_adapter(tm
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["medlora"])
     assert len(runs) == 1, "only the main process may open the pipeline's MLflow run"
+
+
+def flattened_examples_leak(model, examples) -> float:
+    """Max logit difference between examples run one by one and flattened into one row with restarting positions."""
+    flat = torch.cat(examples)[None]
+    positions = torch.cat([torch.arange(len(e)) for e in examples])[None]
+    with torch.no_grad():
+        together = model(input_ids=flat, position_ids=positions).logits[0]
+        apart = torch.cat([model(input_ids=e[None]).logits[0] for e in examples])
+    return float((together - apart).abs().max())
+
+
+def test_padding_free_is_used_only_where_flattened_examples_stay_apart(tiny_base_dir):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from medlora.backends import padding_free_supported
+
+    torch.manual_seed(0)
+    examples = [torch.randint(5, 400, (n,)) for n in (7, 12, 5)]
+    nemotron = AutoModelForCausalLM.from_pretrained(str(tiny_base_dir))
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=445, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    )
+    # Measured on this CPU: neither the Mamba reference scan nor sdpa keeps flattened examples apart ...
+    assert flattened_examples_leak(nemotron, examples) > 1e-3
+    assert flattened_examples_leak(llama, examples) > 1e-3
+    assert not padding_free_supported("nemotron_h", nemotron.config._attn_implementation, has_gpu=False)
+    assert not padding_free_supported("llama", llama.config._attn_implementation, has_gpu=False)
+    # ... so padding-free is chosen only with flash attention on a GPU (and mamba_ssm for NemotronH).
+    assert padding_free_supported("llama", "flash_attention_2", has_gpu=True)
+    assert padding_free_supported("nemotron_h", "flash_attention_2", has_gpu=True) == (
+        importlib.util.find_spec("mamba_ssm") is not None
+    )
+    args = sft_config(TrainConfig(), "unused", has_gpu=False, model_config=nemotron.config)
+    assert args.padding_free is False and args.train_sampling_strategy == "group_by_length"

@@ -10,6 +10,7 @@ them to patch them.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -54,13 +55,36 @@ def resolve_backend(name: str) -> str:
     return "unsloth"
 
 
-def batching(train: TrainConfig) -> str:
+# Architectures whose SSM (Mamba) layers mix neighbouring tokens: sequences flattened into one row would leak into
+# each other unless the CUDA mamba_ssm kernels, which take the sequence boundaries, are present (FINDINGS).
+SSM_HYBRID_MODEL_TYPES = {"nemotron_h", "jamba", "zamba", "zamba2", "bamba", "falcon_h1", "granitemoehybrid", "mamba2"}
+
+
+def padding_free_supported(model_type: str, attn_implementation: str, has_gpu: bool) -> bool:
+    """Whether a batch can be flattened into one unpadded row without tokens seeing the other examples.
+
+    Needs flash attention (it reads the per-example position_ids as boundaries; measured here: sdpa and eager
+    on CPU let a flattened example attend to the one before it), and, for Mamba hybrids such as NemotronH, the CUDA
+    `mamba_ssm` kernels (the CPU reference scan carries state across the boundary). Otherwise: length-grouped
+    batches with dynamic padding.
+    """
+    if not (has_gpu and attn_implementation.startswith(("flash_attention", "kernels-community/flash"))):
+        return False
+    return model_type not in SSM_HYBRID_MODEL_TYPES or importlib.util.find_spec("mamba_ssm") is not None
+
+
+def batching(train: TrainConfig, model_config: Any, has_gpu: bool) -> str:
     """How batches are built, for the log and reports/train.json."""
+    model_type, attention = model_config.model_type, model_config._attn_implementation or "eager"
+    if padding_free_supported(model_type, attention, has_gpu):
+        return f"padding-free batches of {train.per_device_train_batch_size} (no pad tokens; {model_type}, {attention})"
     kind = "length-grouped" if train.train_sampling_strategy == "group_by_length" else train.train_sampling_strategy
-    return (
-        f"{kind} batches of {train.per_device_train_batch_size} with dynamic padding (packing/padding_free off: "
-        "they fail on NemotronH without the CUDA-only mamba_ssm)"
+    reason = (
+        "needs flash attention on a GPU"
+        if model_type not in SSM_HYBRID_MODEL_TYPES
+        else (f"{model_type} needs flash attention and the CUDA-only mamba_ssm")
     )
+    return f"{kind} batches of {train.per_device_train_batch_size} with dynamic padding (padding-free {reason})"
 
 
 def cpu_fallbacks(train: TrainConfig, has_gpu: bool) -> tuple[dict[str, Any], list[str]]:
@@ -94,7 +118,7 @@ def lora_kwargs(lora: LoraParams) -> dict[str, Any]:
     return kwargs
 
 
-def sft_config(train: TrainConfig, output_dir: str | Path, has_gpu: bool) -> Any:
+def sft_config(train: TrainConfig, output_dir: str | Path, has_gpu: bool, model_config: Any = None) -> Any:
     """SFTConfig from params.train (same field names) plus what this pipeline fixes, GPU fallbacks applied."""
     from trl import SFTConfig
 
@@ -118,8 +142,9 @@ def sft_config(train: TrainConfig, output_dir: str | Path, has_gpu: bool) -> Any
         logging_nan_inf_filter=False,  # a NaN must reach the health check, not be averaged away
         include_num_input_tokens_seen="non_padding",
         completion_only_loss=True,
-        packing=False,
-        padding_free=False,
+        packing=False,  # the format stage already fitted each row; padding_free removes the padding instead
+        padding_free=model_config is not None
+        and padding_free_supported(model_config.model_type, model_config._attn_implementation or "eager", has_gpu),
         max_length=None,  # the format stage already fitted every row to format.max_length
         report_to="none",  # one MLflow run per pipeline run, logged by monitoring.TrainingMonitor
         use_cpu=not has_gpu,

@@ -135,7 +135,7 @@ def train(params: Params) -> dict[str, Any]:
     )
     report: dict[str, Any] = {
         "backend": backend,
-        "batching": batching(params.train),
+        "batching": batching(params.train, model.config, has_gpu),
         "trainable_params_by_block": counts,
         "trainable_params": sum(counts.values()),
         "total_params": sum(p.numel() for p in model.parameters()),
@@ -163,7 +163,7 @@ def train(params: Params) -> dict[str, Any]:
     try:
         trainer = sft_trainer_class(backend, has_gpu)(
             model=model,
-            args=sft_config(params.train, paths.checkpoints_dir, has_gpu),
+            args=sft_config(params.train, paths.checkpoints_dir, has_gpu, model.config),
             train_dataset=load_formatted(formatted / "train.jsonl"),
             eval_dataset=load_formatted(formatted / "early_stop.jsonl"),
             processing_class=tokenizer,
