@@ -80,3 +80,24 @@ def test_tracking_store_follows_the_project_not_the_previous_one(tmp_path, monke
     assert tracking_uri(second.paths.mlruns_dir).endswith("/b/mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")  # a user's shared server wins
     assert tracking_uri(second.paths.mlruns_dir) == "http://127.0.0.1:5999"
+
+
+def test_git_commit_tag_ignores_dvc_lock_but_not_code(tmp_path):
+    import subprocess
+
+    from medlora.tracking import git_commit
+
+    def git(*args):
+        subprocess.run(
+            ["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", *args], cwd=tmp_path, check=True
+        )
+
+    git("init", "-q")
+    (tmp_path / "params.yaml").write_text("train: {}\n")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\n")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")  # what `dvc repro` itself rewrites
+    assert not git_commit(tmp_path).endswith("-dirty")
+    (tmp_path / "params.yaml").write_text("train: {max_steps: 1}\n")
+    assert git_commit(tmp_path).endswith("-dirty")

@@ -74,7 +74,11 @@ def git_commit(cwd: str | Path = ".") -> str:
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True
+            # dvc.lock is rewritten by the very `dvc repro` that runs us: not a sign of uncommitted code or params.
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!dvc.lock"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         return f"{sha}-dirty" if dirty else sha
     except (OSError, subprocess.CalledProcessError):
