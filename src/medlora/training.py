@@ -29,9 +29,12 @@ CHECKPOINT_MARK = "medlora_checkpoint.json"  # written into each checkpoint once
 
 
 def training_fingerprint(params: Params, formatted_dir: str | Path, base_dir: str | Path) -> dict[str, str]:
-    """What a checkpoint must match to be resumed: the params hash and a hash of the inputs it trained on."""
+    """What a checkpoint must match to be resumed: the params hash and a hash of its inputs and training code."""
     digest = hashlib.sha256()
-    for path in [*sorted(Path(formatted_dir).glob("*.jsonl")), Path(base_dir) / "medlora_base.json"]:
+    # The training code is part of it: a checkpoint written by other code (a fixed loss, another collator) must not
+    # be resumed as if nothing changed. DVC reruns the stage for the same reason.
+    code = [Path(__file__).with_name(name) for name in ("training.py", "backends.py", "coverage.py", "monitoring.py")]
+    for path in [*sorted(Path(formatted_dir).glob("*.jsonl")), Path(base_dir) / "medlora_base.json", *code]:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return {"params_hash": params.params_hash(), "inputs_hash": digest.hexdigest()[:16]}
@@ -125,6 +128,10 @@ def train(params: Params) -> dict[str, Any]:
     fingerprint = training_fingerprint(params, formatted, paths.base_model_dir)
     checkpoint, run_id = find_resumable_checkpoint(paths.checkpoints_dir, fingerprint, remove_stale=is_main)
     distributed.wait_for_everyone()  # no rank may look at checkpoints while the main one removes stale ones
+    if checkpoint is not None and 0 < params.train.max_steps <= checkpoint_step(checkpoint):
+        # The last checkpoint of a finished run: resuming would train one step past max_steps.
+        logger.info("checkpoint %s is from a finished run: training from the start, in a new MLflow run", checkpoint)
+        checkpoint, run_id = None, ""
 
     if params.train.gpu_memory:
         refuse_if_over_memory(params)
