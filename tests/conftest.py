@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,21 @@ def _no_inherited_tracking_uri(monkeypatch):
     """mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into os.environ; one test's store must not leak into the
     next test (or the stage subprocesses it starts). Tests that want a server set it themselves."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def wait_for_http_ok(
+    url: str, process: subprocess.Popen, what: str, log: Path | None = None, timeout: float = 120
+) -> None:
+    """Poll `url` until it answers 200; fail with `what` (and the log's tail) if `process` dies or time runs out."""
+    tail = (lambda: "\n" + log.read_text()[-3000:]) if log else (lambda: "")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{what} exited with {process.returncode}{tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{what} not ready after {timeout:.0f} s{tail()}")

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import wait_for_http_ok
 from test_registry import (
     ADAPTER,
     MERGED,
@@ -100,20 +101,6 @@ def postgres_url(request) -> str:
     return f"postgresql://postgres@127.0.0.1:{port}/mlflow"
 
 
-def wait_until_ready(url: str, server: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow server not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(request, postgres_url, tmp_path_factory) -> dict:
     """`mlflow server` over the PostgreSQL store, artifacts in their own temp dir; its process group dies at the end."""
@@ -142,7 +129,7 @@ def mlflow_server(request, postgres_url, tmp_path_factory) -> dict:
     request.addfinalizer(stop)
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
-    wait_until_ready(url, server, log)
+    wait_for_http_ok(f"{url}/health", server, "mlflow server", log)
     print(f"mlflow server ready in {time.monotonic() - started:.1f} s")
     return {"url": url, "artifacts": artifacts, "database": postgres_url}
 

@@ -242,11 +242,10 @@ def promote_two(params, outputs) -> None:
     register(params)
 
 
-def test_failure_between_the_two_alias_moves_restores_both_champions(params, outputs, monkeypatch):
+def fail_moving_merged_version_2(monkeypatch) -> None:
+    """Make the store refuse the merged model's alias move to version 2 (after the adapter's move succeeded)."""
     from medlora import promotion
-    from medlora.registry import RegistryError, open_registry
 
-    promote_two(params, outputs)
     real_set_alias = promotion.set_alias
 
     def failing_on_merged(client, name, alias, version):
@@ -255,6 +254,14 @@ def test_failure_between_the_two_alias_moves_restores_both_champions(params, out
         real_set_alias(client, name, alias, version)
 
     monkeypatch.setattr(promotion, "set_alias", failing_on_merged)
+
+
+def test_failure_between_the_two_alias_moves_restores_both_champions(params, outputs, monkeypatch):
+    from medlora import promotion
+    from medlora.registry import RegistryError, open_registry
+
+    promote_two(params, outputs)
+    fail_moving_merged_version_2(monkeypatch)
     with pytest.raises(RegistryError, match=r"point medlora-merged@champion at version 2: store went away\. undid 3"):
         promotion.promote_version(params, "2")
     assert champions(params) == ("1", "1")  # the adapter's move was undone
@@ -269,14 +276,7 @@ def test_a_forced_promotion_that_fails_halfway_leaves_no_force_record(params, ou
     register_and_promote(params)
     pipeline_run(params, outputs[1], gate(-5.5))  # worse than the champion: only a force promotes it
     register(params)
-    real_set_alias = promotion.set_alias
-
-    def failing_on_merged(client, name, alias, version):
-        if name == MERGED and version == "2":
-            raise ConnectionError("store went away")
-        real_set_alias(client, name, alias, version)
-
-    monkeypatch.setattr(promotion, "set_alias", failing_on_merged)
+    fail_moving_merged_version_2(monkeypatch)
     with pytest.raises(RegistryError, match="store went away"):
         promotion.promote_version(params, "2", force_reason="demo tomorrow")
     assert champions(params) == ("1", "1")

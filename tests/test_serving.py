@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import wait_for_http_ok
 from medlora.prompts import ANSWER_PREFIX, prompt_messages, training_messages
 from medlora.registry import RegistryError, register
 from test_registry import free_port, gate, outputs, params, pipeline_run, register_and_promote  # noqa: F401
@@ -122,20 +122,6 @@ def test_export_writes_a_loadable_adapter_and_the_vllm_command(champion_project,
     assert (logits - outputs[0]["adapter_logits"]).abs().max().item() < 1e-4
 
 
-def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"mlflow models serve exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"mlflow models serve not ready after {timeout_s} s")
-
-
 @pytest.mark.slow
 def test_mlflow_serves_the_merged_champion(champion_project, params, outputs):  # noqa: F811
     """`mlflow models serve -m models:/medlora-merged@champion` answers a MedMCQA question on /invocations."""
@@ -159,7 +145,7 @@ def test_mlflow_serves_the_merged_champion(champion_project, params, outputs):  
     process = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_ready(url, process)
+        wait_for_http_ok(f"{url}/ping", process, "mlflow models serve")
         request = urllib.request.Request(
             f"{url}/invocations",
             data=json.dumps({"inputs": [prompt]}).encode(),
