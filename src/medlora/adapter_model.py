@@ -11,7 +11,6 @@ available fails with `BaseModelUnavailable`, naming what is missing, rather than
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,21 +19,12 @@ import mlflow.pyfunc
 
 from medlora.io import read_json
 from medlora.modeling import BASE_REFERENCE_FILE, BaseModelUnavailable, offline, torch_dtype_of
+from medlora.presets import directory_hash
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_ARTIFACT = "adapter"
 BASE_ARTIFACT = "base"
-
-
-def weights_digest(base_dir: str | Path) -> str:
-    """sha256 of a base directory as `presets.directory_hash` computed it: before medlora_base.json existed."""
-    digest = hashlib.sha256()
-    root = Path(base_dir)
-    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.name != BASE_REFERENCE_FILE):
-        digest.update(str(file.relative_to(root)).encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()
 
 
 def read_adapter_reference(adapter_dir: str | Path) -> dict[str, Any]:
@@ -63,7 +53,8 @@ def resolve_base(reference: dict[str, Any], shipped_base: str | Path | None) -> 
     """
     if shipped_base is not None and Path(shipped_base).is_dir():
         expected = reference.get("weights_sha256")
-        if expected and weights_digest(shipped_base) != expected:
+        # The recorded hash was taken before medlora_base.json was written into the directory.
+        if expected and directory_hash(shipped_base, exclude=frozenset({BASE_REFERENCE_FILE})) != expected:
             raise BaseModelUnavailable(
                 f"the base model shipped with this adapter ({shipped_base}) does not match the weights_sha256 "
                 f"{expected} its reference records: the artifact is corrupt"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from medlora.config import Params
-from medlora.io import atomic_directory, read_json, write_json
+from medlora.io import atomic_directory, atomic_path, read_json, write_json
 from medlora.schema import write_jsonl
 from medlora.significance import build_gate
 
@@ -159,11 +159,9 @@ def plot_subject_accuracy(report: dict[str, Any], path: str | Path) -> Path:
         axis.legend(fontsize=8, loc="upper right")
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=110)
     plt.close(figure)
-    tmp.replace(path)
     return path
 
 

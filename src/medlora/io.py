@@ -10,13 +10,21 @@ from pathlib import Path
 from typing import Any
 
 
-def write_json(path: str | Path, payload: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `path` (same suffix, so writers that go by it still work); on success it replaces
+    `path` in one rename, so a crash never leaves a half-written file where a rerun would read it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    yield tmp
     tmp.replace(path)
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    """Write JSON atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def read_json(path: str | Path) -> Any:

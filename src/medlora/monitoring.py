@@ -24,6 +24,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from medlora.io import atomic_path
+
 logger = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("step", "train_loss", "eval_loss", "learning_rate", "grad_norm")
@@ -157,14 +159,10 @@ def history_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_history(rows: list[dict[str, Any]], path: str | Path) -> None:
     """reports/train_history.csv (step, train_loss, eval_loss, learning_rate, grad_norm), written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=HISTORY_COLUMNS)
         writer.writeheader()
         writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    tmp.replace(path)
 
 
 def plot_losses(rows: list[dict[str, Any]], path: str | Path) -> None:
@@ -174,8 +172,6 @@ def plot_losses(rows: list[dict[str, Any]], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     figure, axes = plt.subplots(figsize=(7, 4))
     for key, style in (("train_loss", "-"), ("eval_loss", "o-")):
         points = [(r["step"], r[key]) for r in rows if r[key] is not None]
@@ -187,7 +183,6 @@ def plot_losses(rows: list[dict[str, Any]], path: str | Path) -> None:
     axes.grid(alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=100)
     plt.close(figure)
-    tmp.replace(path)

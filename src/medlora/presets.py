@@ -154,11 +154,12 @@ def published_config(name: str) -> Any:
     return AutoConfig.for_model(raw.pop("model_type"), **raw)
 
 
-def directory_hash(path: str | Path) -> str:
-    """sha256 over the names and bytes of a directory's files: identifies a local base model exactly."""
+def directory_hash(path: str | Path, exclude: frozenset[str] = frozenset()) -> str:
+    """sha256 over the names and bytes of a directory's files (but those named in `exclude`): identifies a local
+    base model, adapter or merged model exactly."""
     digest = hashlib.sha256()
     root = Path(path)
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in exclude):
         digest.update(str(file.relative_to(root)).encode())
         digest.update(file.read_bytes())
     return digest.hexdigest()

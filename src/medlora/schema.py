@@ -83,11 +83,9 @@ def read_split(data_dir: str | Path, split: str) -> list[dict[str, Any]]:
 
 
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows atomically (temp file + rename), so a crash never leaves a half-written file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
+    """Write rows atomically, so a crash never leaves a half-written file behind."""
+    from medlora.io import atomic_path
+
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)

@@ -7,7 +7,6 @@ evaluate and register reopen that run, so one pipeline run is one MLflow run a u
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -87,9 +86,10 @@ def git_commit(cwd: str | Path = ".") -> str:
 
 def data_dvc_md5(path: str | Path = "data.dvc") -> str:
     """The md5 that `data.dvc` records for the snapshot directory, or "unknown"."""
+    from medlora.snapshot import recorded_md5
+
     try:
-        spec = yaml.safe_load(Path(path).read_text())
-        return str(spec["outs"][0]["md5"])
+        return recorded_md5(path)
     except (OSError, KeyError, IndexError, TypeError, yaml.YAMLError):
         return "unknown"
 
@@ -114,10 +114,6 @@ def lineage_tags(params: Params) -> dict[str, str]:
         "params_hash": params.params_hash(),
         "model_preset": params.model.preset,
     }
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def start_pipeline_run(params: Params, run_name: str | None = None) -> Any:
