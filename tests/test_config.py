@@ -74,7 +74,6 @@ def test_tracking_store_follows_the_project_not_the_previous_one(tmp_path, monke
     # mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into the environment; that must not pin later projects.
     from medlora.tracking import configure_tracking, tracking_uri
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     first, second = (parse_params({"paths": {"mlruns_dir": str(tmp_path / name)}}) for name in ("a", "b"))
     configure_tracking(first)
     assert tracking_uri(second.paths.mlruns_dir).endswith("/b/mlflow.db")

@@ -282,7 +282,6 @@ def test_metrics_logged_to_the_pipeline_run(report, project, monkeypatch):
     from medlora.evaluation_report import log_to_mlflow
     from medlora.tracking import start_pipeline_run
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     params = project_params(project)
     with start_pipeline_run(params) as run:
         run_id = run.info.run_id

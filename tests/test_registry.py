@@ -79,7 +79,6 @@ def project_params(root: Path, base_dir: Path) -> Params:
 @pytest.fixture
 def params(tmp_path, monkeypatch, tiny_base_dir) -> Params:
     """Params for a fresh temp project with its own SQLite store."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     return project_params(tmp_path, tiny_base_dir)
 

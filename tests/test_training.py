@@ -192,7 +192,6 @@ def test_target_list_without_mamba_fails_before_training(tmp_path, tiny_base_dir
 
 def run_stage(project: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)  # set by earlier tests' mlflow.set_tracking_uri; each stage has its own store
     return subprocess.Popen(
         [sys.executable, str(PROJECT_ROOT / "pipelines" / "train.py")],
         cwd=project,
@@ -252,7 +251,6 @@ def test_ddp_with_two_cpu_processes_agrees_across_ranks_and_saves_one_adapter(tm
     params = stage_params(tmp_path, tiny_base_dir, formatted_dir, max_steps=4, save_steps=100, eval_steps=100)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.to_dict()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)  # set by earlier tests' mlflow.set_tracking_uri; each stage has its own store
     launch = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(PROJECT_ROOT / "configs" / "accelerate" / "cpu_ddp.yaml"),
