@@ -3,11 +3,11 @@
     .venv/bin/python benchmarks/eval_throughput.py [--batch-sizes 1 4 8 16 32 64] [--sweep-questions 96]
         [--rounds 2] [--model adapter] [--source synthetic|shared] [--threads 1] [--keep DIR]
 
-Builds in a temp dir what the stage reads, with the tiny preset: a synthetic snapshot (`medlora.synthetic`, the
+Builds in a temp dir what the stage reads, with the tiny preset: a synthetic snapshot (`medlora.data.synthetic`, the
 validation split scaled up to 4,183 rows; `--source shared` takes the real dev split from
 ../shared/medmcqa/dev.jsonl instead), a tiny NemotronH base (`build_base_model`, tokenizer trained on the train
 split) and a random-init LoRA adapter with params.yaml's `lora` rank and targets. Every timed call goes through
-`medlora.evaluation` (`build_task_manager`, `model_arguments`, `run_harness` = `lm_eval.simple_evaluate`), so
+`medlora.evaluation.harness` (`build_task_manager`, `model_arguments`, `run_harness` = `lm_eval.simple_evaluate`), so
 the scoring is the stage's own.
 
 1. Sweep: each batch size runs every task of `evaluate.tasks` on the first `--sweep-questions` questions in one
@@ -49,9 +49,9 @@ def build_inputs(work: Path, params: Any, source: str, model: str) -> dict[str, 
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from medlora.modeling import BASE_REFERENCE_FILE, build_base_model, load_base_model
-    from medlora.schema import read_jsonl_rows, write_jsonl
-    from medlora.synthetic import generate_splits
+    from medlora.modeling.base_model import BASE_REFERENCE_FILE, build_base_model, load_base_model
+    from medlora.data.schema import read_jsonl_rows, write_jsonl
+    from medlora.data.synthetic import generate_splits
 
     started = time.perf_counter()
     snap = params.snapshot
@@ -83,7 +83,7 @@ def build_inputs(work: Path, params: Any, source: str, model: str) -> dict[str, 
 
 def write_slice(work: Path, questions: int) -> Path:
     """The first `questions` validation rows in their own file, so sweep calls do not load all 4,183 rows."""
-    from medlora.schema import read_jsonl_rows, write_jsonl
+    from medlora.data.schema import read_jsonl_rows, write_jsonl
 
     path = work / "sweep" / "validation.jsonl"
     write_jsonl(path, read_jsonl_rows(work / "outputs" / "validated" / "validation.jsonl")[:questions])
@@ -92,7 +92,7 @@ def write_slice(work: Path, questions: int) -> Path:
 
 def project_params(work: Path) -> Any:
     """params.yaml with every path pointing into `work`."""
-    from medlora.config import parse_params
+    from medlora.core.config import parse_params
 
     raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
     raw["paths"] = {key: str(work / value) for key, value in raw["paths"].items()}
@@ -104,8 +104,8 @@ def time_call(params: Any, model: str, tasks: list[str], validation: Path, batch
 
     Raises RuntimeError when the harness scored another number of questions than the file holds.
     """
-    from medlora import evaluation
-    from medlora.schema import read_jsonl_rows
+    from medlora.evaluation import harness as evaluation
+    from medlora.data.schema import read_jsonl_rows
 
     config = dataclasses.replace(params.evaluate, batch_size=batch_size, limit=None)
     started = time.perf_counter()

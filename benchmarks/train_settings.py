@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_inputs(work: Path, params) -> None:
-    from medlora.formatting import format_training_data
-    from medlora.modeling import build_base_model
-    from medlora.schema import write_jsonl
-    from medlora.synthetic import generate_splits
+    from medlora.modeling.formatting import format_training_data
+    from medlora.modeling.base_model import build_base_model
+    from medlora.data.schema import write_jsonl
+    from medlora.data.synthetic import generate_splits
 
     snap = params.snapshot
     train_rows = generate_splits(snap.seed, snap.train_size, 0, 0)["train"]
@@ -84,7 +84,7 @@ def run_once(work: Path, raw: dict, variant: str, threads: int) -> dict:
 
 
 def main() -> None:
-    from medlora.config import load_params
+    from medlora.core.config import load_params
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])

@@ -10,12 +10,12 @@ train split as in the default pipeline), the same LoRA initialisation (`backends
 - pad_to_max:  random batches, every one padded to max_length (SFTConfig `pad_to_multiple_of=max_length`);
 - trl_default: random batches padded to their longest example (`train_sampling_strategy="random"`): what a user
                of TRL's SFTTrainer gets without us;
-- project:     what `medlora.backends.sft_config` builds from params.yaml's `train` section (length-grouped
+- project:     what `medlora.training.backends.sft_config` builds from params.yaml's `train` section (length-grouped
                batches, dynamic padding); the trainer class is `backends.sft_trainer_class`.
 
 Only the batching differs; all three share params.yaml's `train` values, with eval/checkpoints off and max_steps
 = --steps. Example lengths follow real MedMCQA: with ../shared/medmcqa/dev.jsonl present, its rows rendered by
-`medlora.formatting` with `include_explanation=True` and truncated to max_length=1024 the way the format stage
+`medlora.modeling.formatting` with `include_explanation=True` and truncated to max_length=1024 the way the format stage
 does (`on_overflow: truncate`); else (or `--source stored`) synthetic rows trimmed/extended to lengths drawn from
 the quantile table benchmarks/medmcqa_token_lengths.json (measured on the dev rows; `--write-lengths` rewrites it).
 
@@ -66,14 +66,14 @@ log = logging.getLogger("benchmark")
 
 def render(rows: list[dict[str, Any]], tokenizer: Any, params: Any) -> list[dict[str, Any]]:
     """Rows -> input_ids + completion_mask through the format stage's code, explanation included, untruncated."""
-    from medlora.formatting import is_labeled, render_examples
+    from medlora.modeling.formatting import is_labeled, render_examples
 
     config = dataclasses.replace(params.format, include_explanation=True)
     return render_examples([r for r in rows if is_labeled(r)], tokenizer, config)
 
 
 def fit(example: dict[str, Any]) -> dict[str, Any] | None:
-    from medlora.formatting import fit_to_length
+    from medlora.modeling.formatting import fit_to_length
 
     return fit_to_length(example, MAX_LENGTH, "truncate")[0]
 
@@ -84,7 +84,7 @@ def lengths_table(lengths: list[int]) -> dict[str, Any]:
 
     values = np.asarray(lengths)
     return {
-        "what": "token lengths of ../shared/medmcqa/dev.jsonl rows rendered by medlora.formatting "
+        "what": "token lengths of ../shared/medmcqa/dev.jsonl rows rendered by medlora.modeling.formatting "
         "(include_explanation=True, untruncated) with the tiny-nemotron-h tokenizer built from params.yaml",
         "rows": len(lengths),
         "mean": round(float(values.mean()), 1),
@@ -95,7 +95,7 @@ def lengths_table(lengths: list[int]) -> dict[str, Any]:
 
 def shared_examples(tokenizer: Any, params: Any, count: int) -> tuple[list[dict[str, Any]], list[int]]:
     """`count` shuffled dev rows fitted to MAX_LENGTH, and every dev row's untruncated length."""
-    from medlora.schema import read_jsonl_rows
+    from medlora.data.schema import read_jsonl_rows
 
     rendered = render(read_jsonl_rows(SHARED_DEV), tokenizer, params)
     lengths = [len(e["input_ids"]) for e in rendered]
@@ -114,8 +114,8 @@ def stored_examples(tokenizer: Any, params: Any, count: int) -> list[dict[str, A
     """
     import numpy as np
 
-    from medlora.io import read_json
-    from medlora.synthetic import generate_splits
+    from medlora.core.io import read_json
+    from medlora.data.synthetic import generate_splits
 
     percentiles = read_json(LENGTHS_FILE)["percentiles"]
     rng = np.random.default_rng(SEED)
@@ -134,7 +134,7 @@ def stored_examples(tokenizer: Any, params: Any, count: int) -> list[dict[str, A
 
 def write_dataset(examples: list[dict[str, Any]], path: Path) -> Any:
     """Write the examples as a format-stage file and load them back the way the train stage does."""
-    from medlora.backends import load_formatted
+    from medlora.training.backends import load_formatted
 
     with path.open("w", encoding="utf-8") as out:
         for e in examples:
@@ -235,7 +235,7 @@ def build_trainer(way: str, params: Any, base_dir: Path, dataset: Any, out_dir: 
     """One way's SFT trainer (the project's config and trainer class; only the batching differs between ways)."""
     from transformers import PrinterCallback
 
-    from medlora.backends import load_peft_model, sft_config, sft_trainer_class
+    from medlora.training.backends import load_peft_model, sft_config, sft_trainer_class
 
     strategy = params.train.train_sampling_strategy if way == "project" else "random"
     train = dataclasses.replace(params.train, max_steps=steps, num_train_epochs=1, train_sampling_strategy=strategy)
@@ -327,8 +327,8 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
 
 
 def main() -> None:
-    from medlora.config import load_params
-    from medlora.logs import setup_logging
+    from medlora.core.config import load_params
+    from medlora.core.logs import setup_logging
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=32, help="optimizer steps per way (one epoch of steps x 16)")
@@ -345,10 +345,10 @@ def main() -> None:
     import transformers
     from transformers import AutoTokenizer
 
-    from medlora.backends import batching
-    from medlora.io import write_json
-    from medlora.modeling import build_base_model
-    from medlora.synthetic import generate_splits
+    from medlora.training.backends import batching
+    from medlora.core.io import write_json
+    from medlora.modeling.base_model import build_base_model
+    from medlora.data.synthetic import generate_splits
 
     torch.set_num_threads(1)
     datasets.disable_progress_bars()

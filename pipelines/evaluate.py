@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from medlora.config import load_params
-from medlora.evaluation import evaluate
-from medlora.evaluation_report import log_to_mlflow
-from medlora.logs import setup_logging
+from medlora.core.config import load_params
+from medlora.evaluation.harness import evaluate
+from medlora.evaluation.report import log_to_mlflow
+from medlora.core.logs import setup_logging
 
 logger = logging.getLogger("pipelines.evaluate")
 

@@ -10,9 +10,9 @@ the pipeline's MLflow run (`mlflow_run_id` in reports/train.json). Fails when th
 
 from __future__ import annotations
 
-from medlora.config import load_params
-from medlora.logs import setup_logging
-from medlora.merging import merge
+from medlora.core.config import load_params
+from medlora.core.logs import setup_logging
+from medlora.training.merge import merge
 
 
 def main() -> None:

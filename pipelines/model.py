@@ -13,10 +13,10 @@ import logging
 import time
 from pathlib import Path
 
-from medlora.config import load_params
-from medlora.logs import setup_logging
-from medlora.modeling import build_base_model
-from medlora.schema import read_jsonl_rows
+from medlora.core.config import load_params
+from medlora.core.logs import setup_logging
+from medlora.modeling.base_model import build_base_model
+from medlora.data.schema import read_jsonl_rows
 
 logger = logging.getLogger("pipelines.model")
 

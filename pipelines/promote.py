@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medlora.config import load_params
-from medlora.io import write_json
-from medlora.logs import setup_logging
-from medlora.promotion import promote_stage
+from medlora.core.config import load_params
+from medlora.core.io import write_json
+from medlora.core.logs import setup_logging
+from medlora.registry.promote import promote_stage
 
 
 def main() -> None:

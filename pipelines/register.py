@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from medlora.config import load_params
-from medlora.io import write_json
-from medlora.logs import setup_logging
-from medlora.registry import register
+from medlora.core.config import load_params
+from medlora.core.io import write_json
+from medlora.core.logs import setup_logging
+from medlora.registry.register import register
 
 
 def main() -> None:

@@ -12,9 +12,9 @@ Reads `params.lora` (LoraConfig fields + `required_blocks`) and `params.train` (
 
 from __future__ import annotations
 
-from medlora.config import load_params
-from medlora.logs import setup_logging
-from medlora.training import train
+from medlora.core.config import load_params
+from medlora.core.logs import setup_logging
+from medlora.training.train import train
 
 
 def main() -> None:

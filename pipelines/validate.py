@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 import sys
 
-from medlora.config import load_params
-from medlora.logs import setup_logging
-from medlora.schema import SnapshotParseError
-from medlora.validation import ValidationFailed, validate
+from medlora.core.config import load_params
+from medlora.core.logs import setup_logging
+from medlora.data.schema import SnapshotParseError
+from medlora.data.validation import ValidationFailed, validate
 
 log = logging.getLogger("validate")
 

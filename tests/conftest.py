@@ -56,8 +56,8 @@ def example_rows(n: int = 40) -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory) -> Path:
     """A tiny NemotronH base model directory, built once per session through the `model` stage's verb."""
-    from medlora.config import ModelConfig
-    from medlora.modeling import build_base_model
+    from medlora.core.config import ModelConfig
+    from medlora.modeling.base_model import build_base_model
 
     out = tmp_path_factory.mktemp("base") / "base_model"
     build_base_model(ModelConfig(), example_rows(200), out)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from tests.conftest import PROJECT_ROOT
 
-from medlora.config import ConfigError, Params, load_params, parse_params
+from medlora.core.config import ConfigError, Params, load_params, parse_params
 
 SHIPPED_PARAMS = sorted([PROJECT_ROOT / "params.yaml", *(PROJECT_ROOT / "configs").glob("*.yaml")])
 
@@ -72,7 +72,7 @@ def test_missing_params_file_says_where(tmp_path):
 
 def test_tracking_store_follows_the_project_not_the_previous_one(tmp_path, monkeypatch):
     # mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into the environment; that must not pin later projects.
-    from medlora.tracking import configure_tracking, tracking_uri
+    from medlora.core.tracking import configure_tracking, tracking_uri
 
     first, second = (parse_params({"paths": {"mlruns_dir": str(tmp_path / name)}}) for name in ("a", "b"))
     configure_tracking(first)
@@ -84,7 +84,7 @@ def test_tracking_store_follows_the_project_not_the_previous_one(tmp_path, monke
 def test_git_commit_tag_ignores_dvc_lock_but_not_code(tmp_path):
     import subprocess
 
-    from medlora.tracking import git_commit
+    from medlora.core.tracking import git_commit
 
     def git(*args):
         subprocess.run(

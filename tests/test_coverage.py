@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from medlora.coverage import (
+from medlora.training.coverage import (
     CoverageError,
     GradientCoverageCallback,
     block_type_of,
@@ -17,7 +17,7 @@ from medlora.coverage import (
     require_coverage,
     trainable_params_by_block,
 )
-from medlora.presets import NEMOTRON_H_TARGETS, ROUTED_EXPERT_PARAMETERS, TINY_LAYERS
+from medlora.modeling.presets import NEMOTRON_H_TARGETS, ROUTED_EXPERT_PARAMETERS, TINY_LAYERS
 
 R = 4
 LAYER_TYPES = ["mamba" if k == "linear_attention" else "attention" if k == "full_attention" else k for k in TINY_LAYERS]
@@ -26,7 +26,7 @@ LAYER_TYPES = ["mamba" if k == "linear_attention" else "attention" if k == "full
 def peft_model(base_dir, target_modules, target_parameters=(), dropout=0.0):
     from peft import LoraConfig, get_peft_model
 
-    from medlora.modeling import load_base_model
+    from medlora.modeling.base_model import load_base_model
 
     model, _ = load_base_model(base_dir)
     config = LoraConfig(
@@ -42,7 +42,7 @@ def peft_model(base_dir, target_modules, target_parameters=(), dropout=0.0):
 
 def expected_linear_lora(base_dir, leaf_names, path_filter) -> int:
     """r * (in + out) summed over the base's Linear modules a target list wraps: the count LoRA must add."""
-    from medlora.modeling import load_base_model
+    from medlora.modeling.base_model import load_base_model
 
     model, _ = load_base_model(base_dir)
     return sum(

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from conftest import PROJECT_ROOT, example_rows
-from medlora.config import FormatConfig, parse_params
-from medlora.evaluation import (
+from medlora.core.config import FormatConfig, parse_params
+from medlora.evaluation.harness import (
     TASKS_DIR,
     EvaluationError,
     build_task_manager,
@@ -24,9 +24,9 @@ from medlora.evaluation import (
     resolve_primary_metric,
     resolve_tasks,
 )
-from medlora.io import read_json, write_json
-from medlora.schema import read_jsonl_rows, write_jsonl
-from medlora.significance import build_gate, mcnemar_p_value, paired_test, wilcoxon_p_value
+from medlora.core.io import read_json, write_json
+from medlora.data.schema import read_jsonl_rows, write_jsonl
+from medlora.evaluation.significance import build_gate, mcnemar_p_value, paired_test, wilcoxon_p_value
 
 SYSTEM_PROMPT = FormatConfig().system_prompt
 LIMIT = 8
@@ -61,7 +61,7 @@ def project(tmp_path_factory, tiny_base_dir) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from medlora.modeling import BASE_REFERENCE_FILE, load_base_model
+    from medlora.modeling.base_model import BASE_REFERENCE_FILE, load_base_model
 
     root = tmp_path_factory.mktemp("evalproject")
     outputs = root / "outputs"
@@ -141,7 +141,7 @@ def test_chat_requests_tokenize_exactly_like_training(project):
     """HFLM's encoding of lm-eval's requests is a prefix of the format stage's training tokens."""
     from lm_eval.models.huggingface import HFLM
 
-    from medlora.formatting import render_example
+    from medlora.modeling.formatting import render_example
 
     lm = HFLM(pretrained=str(project / "outputs/base_model"), device="cpu", batch_size=1)
     tasks = task_manager(project, ["medmcqa_chat", "medmcqa_chat_loglik"]).load(
@@ -279,8 +279,8 @@ def test_samples_come_from_the_validation_split_only(report, project):
 def test_metrics_logged_to_the_pipeline_run(report, project, monkeypatch):
     import mlflow
 
-    from medlora.evaluation_report import log_to_mlflow
-    from medlora.tracking import start_pipeline_run
+    from medlora.evaluation.report import log_to_mlflow
+    from medlora.core.tracking import start_pipeline_run
 
     params = project_params(project)
     with start_pipeline_run(params) as run:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import example_rows
-from medlora.config import FormatConfig
-from medlora.formatting import (
+from medlora.core.config import FormatConfig
+from medlora.modeling.formatting import (
     EARLY_STOP_FILE,
     TRAIN_FILE,
     FormatError,
@@ -21,9 +21,9 @@ from medlora.formatting import (
     render_example,
     scoring_context,
 )
-from medlora.prompts import ANSWER_PREFIX, answer_choices
-from medlora.schema import write_jsonl
-from medlora.tokenizer import CHATML_TEMPLATE
+from medlora.modeling.prompts import ANSWER_PREFIX, answer_choices
+from medlora.data.schema import write_jsonl
+from medlora.modeling.tokenizer import CHATML_TEMPLATE
 
 CONFIG = FormatConfig()
 NO_MARKS_TEMPLATE = CHATML_TEMPLATE.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
@@ -115,7 +115,7 @@ def test_lm_eval_splits_context_and_choice_where_training_does(tokenizer, tiny_b
     """The real harness's encoding (HFLM._encode_pair) of context + each choice against the training ids."""
     from lm_eval.models.huggingface import HFLM
 
-    from medlora.modeling import load_base_model
+    from medlora.modeling.base_model import load_base_model
 
     model, _ = load_base_model(tiny_base_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from medlora.config import PromoteConfig
-from medlora.gates import (
+from medlora.core.config import PromoteConfig
+from medlora.registry.gates import (
     Candidate,
     Champion,
     candidate_from_gate,

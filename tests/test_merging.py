@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import example_rows
-from medlora.config import MergeConfig, Params, PathsConfig
-from medlora.merging import MergeParityError, batch_logits, merge, merge_adapter, parity_batch
-from medlora.presets import NEMOTRON_H_TARGETS
+from medlora.core.config import MergeConfig, Params, PathsConfig
+from medlora.training.merge import MergeParityError, batch_logits, merge, merge_adapter, parity_batch
+from medlora.modeling.presets import NEMOTRON_H_TARGETS
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def adapter_dir(tiny_base_dir, tmp_path_factory) -> Path:
     """A saved LoRA adapter with random (nonzero) A and B: merging it really changes the weights."""
     from peft import LoraConfig, get_peft_model
 
-    from medlora.modeling import load_base_model
+    from medlora.modeling.base_model import load_base_model
 
     model, tokenizer = load_base_model(tiny_base_dir)
     torch.manual_seed(0)
@@ -34,7 +34,7 @@ def adapter_dir(tiny_base_dir, tmp_path_factory) -> Path:
 def parity_file(tiny_base_dir, tmp_path_factory) -> Path:
     from transformers import AutoTokenizer
 
-    from medlora.prompts import training_messages
+    from medlora.modeling.prompts import training_messages
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_base_dir))
     path = tmp_path_factory.mktemp("formatted") / "early_stop.jsonl"
@@ -50,7 +50,7 @@ def test_merged_model_reloads_with_the_adapter_models_logits(tmp_path, tiny_base
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from medlora.modeling import load_base_model, read_base_reference
+    from medlora.modeling.base_model import load_base_model, read_base_reference
 
     merged_dir = tmp_path / "merged"
     report = merge_adapter(tiny_base_dir, adapter_dir, merged_dir, parity_file, threshold=1e-4)
@@ -81,7 +81,7 @@ def test_parity_failure_leaves_no_merged_output(tmp_path, tiny_base_dir, adapter
 def test_merge_stage_writes_report_and_logs_to_the_pipeline_run(tmp_path, tiny_base_dir, adapter_dir, parity_file):
     import mlflow
 
-    from medlora import tracking
+    from medlora.core import tracking
 
     paths = PathsConfig(
         reports_dir=str(tmp_path / "reports"),

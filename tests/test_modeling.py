@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import PROJECT_ROOT, example_rows
-from medlora.config import ModelConfig
-from medlora.modeling import (
+from medlora.core.config import ModelConfig
+from medlora.modeling.base_model import (
     BASE_REFERENCE_FILE,
     BaseModelUnavailable,
     build_base_model,
@@ -24,15 +24,15 @@ from medlora.modeling import (
     resolve_name_or_path,
     tokenizer_corpus,
 )
-from medlora.presets import (
+from medlora.modeling.presets import (
     NEMOTRON_H_TARGETS,
     ROUTED_EXPERT_PARAMETERS,
     directory_hash,
     get_preset,
     published_config,
 )
-from medlora.prompts import ANSWER_PREFIX, answer_choices, prompt_messages, training_messages
-from medlora.tokenizer import CHATML_TEMPLATE, answer_letter_tokens, train_chat_tokenizer
+from medlora.modeling.prompts import ANSWER_PREFIX, answer_choices, prompt_messages, training_messages
+from medlora.modeling.tokenizer import CHATML_TEMPLATE, answer_letter_tokens, train_chat_tokenizer
 
 PRODUCTION = "nemotron-3-nano-30b-a3b"
 
@@ -93,12 +93,12 @@ def test_tokenizer_training_gives_the_same_bytes_in_another_process(tmp_path):
     script = (
         "import sys, json; sys.path.insert(0, 'tests')\n"
         "from conftest import example_rows\n"
-        "from medlora.modeling import tokenizer_corpus\n"
-        "from medlora.presets import TINY_VOCAB\n"
-        "from medlora.tokenizer import train_chat_tokenizer\n"
+        "from medlora.modeling.base_model import tokenizer_corpus\n"
+        "from medlora.modeling.presets import TINY_VOCAB\n"
+        "from medlora.modeling.tokenizer import train_chat_tokenizer\n"
         "print(train_chat_tokenizer(tokenizer_corpus(example_rows(60)), TINY_VOCAB).backend_tokenizer.to_str())\n"
     )
-    from medlora.presets import TINY_VOCAB
+    from medlora.modeling.presets import TINY_VOCAB
 
     here = train_chat_tokenizer(tokenizer_corpus(example_rows(60)), TINY_VOCAB).backend_tokenizer.to_str()
     there = subprocess.run([sys.executable, "-c", script], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)

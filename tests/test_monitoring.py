@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from medlora.monitoring import (
+from medlora.training.monitoring import (
     TrainingHealthError,
     TrainingMonitor,
     history_rows,
@@ -54,7 +54,7 @@ def test_monitor_warns_on_overfitting_and_stops_on_explosion(caplog):
     monitor = TrainingMonitor(learning_rate=1e-3, explosion_factor=10.0, log_to_mlflow=False)
     monitor.on_train_begin(None, state(0), None)
     control = SimpleNamespace()
-    with caplog.at_level(logging.WARNING, logger="medlora.monitoring"):
+    with caplog.at_level(logging.WARNING, logger="medlora.training.monitoring"):
         for step, logs in [(5, {"loss": 3.0}), (10, {"eval_loss": 2.0}), (15, {"loss": 2.0}), (20, {"eval_loss": 2.4})]:
             monitor.on_log(None, state(step), control, logs=logs)
     assert "overfitting" in caplog.text and "increase lora.lora_dropout" in caplog.text

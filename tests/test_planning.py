@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from medlora.config import parse_params
-from medlora.planning import GIB, check_fits, full_finetune_memory, lora_memory, parse_memory, plan, render_plan
+from medlora.core.config import parse_params
+from medlora.modeling.planning import GIB, check_fits, full_finetune_memory, lora_memory, parse_memory, plan, render_plan
 
 GB = 1e9
 
@@ -86,7 +86,7 @@ def test_parse_memory_rejects_garbage():
 
 
 def test_train_stage_refuses_before_loading_weights_when_declared_memory_is_too_small():
-    from medlora.training import refuse_if_over_memory
+    from medlora.training.train import refuse_if_over_memory
 
     params = parse_params({"train": {"gpu_memory": "1MiB"}})
     with pytest.raises(RuntimeError, match=r"but the GPU has 0\.0 GiB"):
@@ -97,7 +97,7 @@ def test_train_stage_refuses_before_loading_weights_when_declared_memory_is_too_
 def test_production_params_fit_the_gpu_they_declare():
     from tests.conftest import PROJECT_ROOT
 
-    from medlora.config import load_params
-    from medlora.training import refuse_if_over_memory
+    from medlora.core.config import load_params
+    from medlora.training.train import refuse_if_over_memory
 
     refuse_if_over_memory(load_params(PROJECT_ROOT / "configs" / "nemotron-3-nano-30b-a3b.yaml"))

@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from medlora.config import Params, PathsConfig, PromoteConfig, RegisterConfig
-from medlora.io import read_json, write_json
-from medlora.modeling import BASE_REFERENCE_FILE, BaseModelUnavailable, load_base_model
+from medlora.core.config import Params, PathsConfig, PromoteConfig, RegisterConfig
+from medlora.core.io import read_json, write_json
+from medlora.modeling.base_model import BASE_REFERENCE_FILE, BaseModelUnavailable, load_base_model
 
 METRIC = "medmcqa_chat_loglik/answer_loglik"
 ADAPTER, MERGED = "medlora-adapter", "medlora-merged"
@@ -87,7 +87,7 @@ def pipeline_run(params: Params, run: dict, gate_values: dict, validation: bool 
     """What train..evaluate leave behind: outputs, reports, and the pipeline's MLflow run. Returns its run id."""
     import mlflow
 
-    from medlora.tracking import start_pipeline_run
+    from medlora.core.tracking import start_pipeline_run
 
     for kind in ("adapter", "merged"):
         target = Path(getattr(params.paths, f"{kind}_dir"))
@@ -104,8 +104,8 @@ def pipeline_run(params: Params, run: dict, gate_values: dict, validation: bool 
 
 
 def register_and_promote(params: Params) -> tuple[dict, dict]:
-    from medlora.promotion import promote_stage
-    from medlora.registry import register
+    from medlora.registry.promote import promote_stage
+    from medlora.registry.register import register
 
     registration = register(params)
     write_json(Path(params.paths.reports_dir) / "registration.json", registration)
@@ -113,7 +113,7 @@ def register_and_promote(params: Params) -> tuple[dict, dict]:
 
 
 def champions(params: Params) -> tuple[str | None, str | None]:
-    from medlora.registry import CHAMPION, alias_version, open_registry
+    from medlora.registry.register import CHAMPION, alias_version, open_registry
 
     client = open_registry(params)
     return alias_version(client, ADAPTER, CHAMPION), alias_version(client, MERGED, CHAMPION)
@@ -130,7 +130,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_registered_versions_reload_with_the_same_logits_and_carry_lineage(params, outputs):
     import mlflow
 
-    from medlora.registry import open_registry, register
+    from medlora.registry.register import open_registry, register
 
     run_id = pipeline_run(params, outputs[0], gate(-5.0))
     registration = register(params)
@@ -167,7 +167,7 @@ def test_registered_versions_reload_with_the_same_logits_and_carry_lineage(param
 
 
 def test_registering_the_same_outputs_twice_adds_no_version(params, outputs):
-    from medlora.registry import open_registry, register
+    from medlora.registry.register import open_registry, register
 
     pipeline_run(params, outputs[0], gate(-5.0))
     first = register(params)
@@ -180,8 +180,8 @@ def test_registering_the_same_outputs_twice_adds_no_version(params, outputs):
 
 
 def test_champion_challenger_rejection_and_rollback(params, outputs):
-    from medlora.promotion import rollback
-    from medlora.registry import RegistryError, open_registry
+    from medlora.registry.promote import rollback
+    from medlora.registry.register import RegistryError, open_registry
 
     pipeline_run(params, outputs[0], gate(-5.0))
     _, first = register_and_promote(params)
@@ -213,8 +213,8 @@ def test_champion_challenger_rejection_and_rollback(params, outputs):
 
 
 def test_forced_promotion_records_who_and_why(params, outputs):
-    from medlora.promotion import promote_command, promote_version
-    from medlora.registry import open_registry, register
+    from medlora.registry.promote import promote_command, promote_version
+    from medlora.registry.register import open_registry, register
 
     pipeline_run(params, outputs[0], gate(-5.0, p_value=0.3))
     register(params)
@@ -233,7 +233,7 @@ def test_forced_promotion_records_who_and_why(params, outputs):
 
 def promote_two(params, outputs) -> None:
     """Champion v1 on both models, and a better v2 registered as challenger."""
-    from medlora.registry import register
+    from medlora.registry.register import register
 
     pipeline_run(params, outputs[0], gate(-5.0))
     register_and_promote(params)
@@ -243,7 +243,7 @@ def promote_two(params, outputs) -> None:
 
 def fail_moving_merged_version_2(monkeypatch) -> None:
     """Make the store refuse the merged model's alias move to version 2 (after the adapter's move succeeded)."""
-    from medlora import promotion
+    from medlora.registry import promote as promotion
 
     real_set_alias = promotion.set_alias
 
@@ -256,8 +256,8 @@ def fail_moving_merged_version_2(monkeypatch) -> None:
 
 
 def test_failure_between_the_two_alias_moves_restores_both_champions(params, outputs, monkeypatch):
-    from medlora import promotion
-    from medlora.registry import RegistryError, open_registry
+    from medlora.registry import promote as promotion
+    from medlora.registry.register import RegistryError, open_registry
 
     promote_two(params, outputs)
     fail_moving_merged_version_2(monkeypatch)
@@ -268,8 +268,8 @@ def test_failure_between_the_two_alias_moves_restores_both_champions(params, out
 
 
 def test_a_forced_promotion_that_fails_halfway_leaves_no_force_record(params, outputs, monkeypatch):
-    from medlora import promotion
-    from medlora.registry import RegistryError, open_registry, register
+    from medlora.registry import promote as promotion
+    from medlora.registry.register import RegistryError, open_registry, register
 
     pipeline_run(params, outputs[0], gate(-5.0))
     register_and_promote(params)
@@ -296,7 +296,7 @@ def refuse_alias_writes(params: Params, name: str) -> None:
 
 
 def test_a_store_refusing_the_second_write_leaves_no_half_promotion(params, outputs):
-    from medlora.promotion import promote_version
+    from medlora.registry.promote import promote_version
 
     promote_two(params, outputs)
     refuse_alias_writes(params, MERGED)
@@ -306,8 +306,8 @@ def test_a_store_refusing_the_second_write_leaves_no_half_promotion(params, outp
 
 
 def test_a_first_promotion_failing_halfway_leaves_no_champion_at_all(params, outputs):
-    from medlora.promotion import promote_stage
-    from medlora.registry import register
+    from medlora.registry.promote import promote_stage
+    from medlora.registry.register import register
 
     pipeline_run(params, outputs[0], gate(-5.0))
     write_json(Path(params.paths.reports_dir) / "registration.json", register(params))
@@ -324,8 +324,8 @@ def free_port() -> int:
 
 
 def test_unreachable_store_fails_with_a_clear_message_and_changes_nothing(params, outputs, monkeypatch):
-    from medlora.promotion import promote_version
-    from medlora.registry import RegistryError, register
+    from medlora.registry.promote import promote_version
+    from medlora.registry.register import RegistryError, register
 
     promote_two(params, outputs)
     uri = f"http://127.0.0.1:{free_port()}"
@@ -341,8 +341,8 @@ def test_unreachable_store_fails_with_a_clear_message_and_changes_nothing(params
 
 
 def test_if_promotable_skips_the_merged_model_of_a_failing_candidate(params, outputs):
-    from medlora.promotion import promote_version
-    from medlora.registry import RegistryError, open_registry
+    from medlora.registry.promote import promote_version
+    from medlora.registry.register import RegistryError, open_registry
 
     params = dataclasses.replace(params, register=RegisterConfig(register_merged="if_promotable"))
     pipeline_run(params, outputs[0], gate(-5.0), validation=False)
@@ -357,7 +357,7 @@ def test_if_promotable_skips_the_merged_model_of_a_failing_candidate(params, out
 
 
 def test_status_table_lists_versions_aliases_and_metrics(params, outputs, capsys):
-    from medlora.registry import format_table, open_registry, status_rows
+    from medlora.registry.register import format_table, open_registry, status_rows
 
     promote_two(params, outputs)
     rows = status_rows(open_registry(params), params)
@@ -373,7 +373,7 @@ def test_status_table_lists_versions_aliases_and_metrics(params, outputs, capsys
 def test_adapter_whose_base_is_missing_fails_to_load_with_the_path(params, outputs, tmp_path):
     import mlflow
 
-    from medlora.registry import register
+    from medlora.registry.register import register
 
     pipeline_run(params, outputs[0], gate(-5.0))
     # A base referenced by path (like a hub preset pointed at a local directory), not shipped with the adapter.
@@ -389,7 +389,7 @@ def test_adapter_whose_base_is_missing_fails_to_load_with_the_path(params, outpu
 
 
 def test_hub_base_offline_and_corrupt_shipped_base_fail_clearly(outputs, tiny_base_dir, tmp_path, monkeypatch):
-    from medlora.adapter_model import load_adapter, resolve_base
+    from medlora.registry.adapter_model import load_adapter, resolve_base
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     adapter = tmp_path / "adapter"
@@ -405,7 +405,7 @@ def test_hub_base_offline_and_corrupt_shipped_base_fail_clearly(outputs, tiny_ba
 
 
 def test_coverage_verdict_reads_the_forms_train_json_may_use():
-    from medlora.registry import coverage_verdict
+    from medlora.registry.register import coverage_verdict
 
     assert coverage_verdict({"coverage": {"passed": True, "missing": []}}) is True
     assert coverage_verdict({"coverage": {"success": False}}) is False
@@ -415,8 +415,8 @@ def test_coverage_verdict_reads_the_forms_train_json_may_use():
 
 
 def test_promote_gates_come_from_params(params, outputs):
-    from medlora.promotion import promote_version
-    from medlora.registry import register
+    from medlora.registry.promote import promote_version
+    from medlora.registry.register import register
 
     params = dataclasses.replace(params, promote=PromoteConfig(min_value=-4.5))
     pipeline_run(params, outputs[0], gate(-5.0))

@@ -16,8 +16,8 @@ import torch
 import yaml
 
 from conftest import wait_for_http_ok
-from medlora.prompts import ANSWER_PREFIX, prompt_messages, training_messages
-from medlora.registry import RegistryError, register
+from medlora.modeling.prompts import ANSWER_PREFIX, prompt_messages, training_messages
+from medlora.registry.register import RegistryError, register
 from test_registry import free_port, gate, outputs, params, pipeline_run, register_and_promote  # noqa: F401
 
 QUESTION = "Which drug causes cinchonism?"
@@ -48,7 +48,7 @@ def ask(params_file: Path, capsys, **changes) -> str:
 def test_ask_scores_the_options_with_the_champion_not_the_challenger(champion_project, outputs, capsys):  # noqa: F811
     from peft import PeftModel
 
-    from medlora.modeling import load_base_model
+    from medlora.modeling.base_model import load_base_model
     from medlora.serving import answer_multiple_choice
 
     printed = ask(champion_project, capsys, options=" | ".join(OPTIONS)).splitlines()
@@ -61,7 +61,7 @@ def test_ask_scores_the_options_with_the_champion_not_the_challenger(champion_pr
 
 
 def prompt_system() -> str:
-    from medlora.config import FormatConfig
+    from medlora.core.config import FormatConfig
 
     return FormatConfig().system_prompt
 
@@ -70,7 +70,7 @@ def test_scored_context_and_choice_tokenize_exactly_like_the_training_example(ti
     """What `ask` scores is what training taught the model to say first."""
     from transformers import AutoTokenizer
 
-    from medlora.prompts import answer_choices
+    from medlora.modeling.prompts import answer_choices
     from medlora.serving import continuation_ids, multiple_choice_context
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_base_dir))
@@ -83,7 +83,7 @@ def test_scored_context_and_choice_tokenize_exactly_like_the_training_example(ti
 
 
 def test_ask_free_form_generates_with_the_champion(champion_project, outputs, capsys):  # noqa: F811
-    from medlora.adapter_model import load_adapter
+    from medlora.registry.adapter_model import load_adapter
     from medlora.serving import answer_free_form
 
     printed = ask(champion_project, capsys, question="What causes diabetes?").rstrip("\n")
@@ -127,8 +127,8 @@ def test_mlflow_serves_the_merged_champion(champion_project, params, outputs):  
     """`mlflow models serve -m models:/medlora-merged@champion` answers a MedMCQA question on /invocations."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medlora.adapter_model import generate
-    from medlora.tracking import tracking_uri
+    from medlora.registry.adapter_model import generate
+    from medlora.core.tracking import tracking_uri
 
     tokenizer = AutoTokenizer.from_pretrained(str(outputs[0]["merged"]))
     prompt = tokenizer.apply_chat_template(prompt_messages(ROW), add_generation_prompt=True, tokenize=False)

@@ -15,9 +15,9 @@ import yaml
 
 from conftest import PROJECT_ROOT, example_rows
 from medlora import cli
-from medlora.config import SnapshotConfig
-from medlora.schema import COLUMNS, SPLITS, read_jsonl_rows
-from medlora.snapshot import (
+from medlora.core.config import SnapshotConfig
+from medlora.data.schema import COLUMNS, SPLITS, read_jsonl_rows
+from medlora.data.snapshot import (
     HubUnavailable,
     ensure_hub_reachable,
     normalize_hub_rows,

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 
-from medlora.facts import RELATIONS
-from medlora.schema import COLUMNS, LETTERS
-from medlora.synthetic import build_items, generate_splits, is_held_out_fact
-from medlora.validation import normalize_question
+from medlora.data.facts import RELATIONS
+from medlora.data.schema import COLUMNS, LETTERS
+from medlora.data.synthetic import build_items, generate_splits, is_held_out_fact
+from medlora.data.validation import normalize_question
 
 SIZES = {"seed": 1234, "train_size": 600, "validation_size": 150, "test_size": 60}
 
@@ -44,7 +44,7 @@ def test_fact_table_is_large_and_one_to_one():
 def test_same_bytes_in_a_fresh_interpreter_with_another_hash_seed(splits):
     # PYTHONHASHSEED changes str hashing (and set order): the output must not depend on it.
     code = (
-        "import hashlib, json; from medlora.synthetic import generate_splits; "
+        "import hashlib, json; from medlora.data.synthetic import generate_splits; "
         f"s = generate_splits(**{SIZES!r}); "
         "t = ''.join(json.dumps(r, ensure_ascii=False) + '\\n' for v in s.values() for r in v); "
         "print(hashlib.sha256(t.encode()).hexdigest())"

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from conftest import PROJECT_ROOT, example_rows
-from medlora.backends import (
+from medlora.training.backends import (
     TRAIN_OWN_KEYS,
     UnslothUnavailable,
     cpu_fallbacks,
@@ -26,9 +26,9 @@ from medlora.backends import (
     resolve_backend,
     sft_config,
 )
-from medlora.config import LoraParams, Params, PathsConfig, TrainConfig
-from medlora.coverage import CoverageError
-from medlora.training import CHECKPOINT_MARK, find_resumable_checkpoint
+from medlora.core.config import LoraParams, Params, PathsConfig, TrainConfig
+from medlora.training.coverage import CoverageError
+from medlora.training.train import CHECKPOINT_MARK, find_resumable_checkpoint
 
 FAST_TRAIN = {
     "per_device_train_batch_size": 4,
@@ -41,7 +41,7 @@ FAST_TRAIN = {
 
 
 def tokenize(rows, tokenizer):
-    from medlora.prompts import training_messages
+    from medlora.modeling.prompts import training_messages
 
     for row in rows:
         out = tokenizer.apply_chat_template(
@@ -80,11 +80,11 @@ def test_cpu_fallbacks_replace_gpu_only_options_with_one_logged_line(caplog):
     overrides, notes = cpu_fallbacks(TrainConfig(optim="adamw_8bit", bf16=True), has_gpu=False)
     assert overrides == {"optim": "adamw_torch", "bf16": False} and len(notes) == 2
     assert cpu_fallbacks(TrainConfig(optim="adamw_8bit", bf16=True), has_gpu=True) == ({}, [])
-    with caplog.at_level(logging.WARNING, logger="medlora.backends"):
+    with caplog.at_level(logging.WARNING, logger="medlora.training.backends"):
         # Without the fallback, SFTConfig itself refuses bf16 on a CPU.
         args = sft_config(TrainConfig(optim="adamw_8bit", bf16=True), "unused", has_gpu=False)
     assert args.optim == "adamw_torch" and args.bf16 is False
-    lines = [r.getMessage() for r in caplog.records if r.name == "medlora.backends"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "medlora.training.backends"]
     assert lines == ["no GPU: optim adamw_8bit -> adamw_torch, bf16 -> float32"]
 
 
@@ -109,7 +109,7 @@ def test_lora_kwargs_pass_names_through_and_refuse_dropout_on_routed_experts():
 def test_unsloth_backend_without_unsloth_fails_at_once_with_install_hint(caplog):
     with pytest.raises(UnslothUnavailable, match=r"make unsloth-test.*pip install --no-deps unsloth==2026\.10\.9"):
         resolve_backend("unsloth")
-    with caplog.at_level(logging.INFO, logger="medlora.backends"):
+    with caplog.at_level(logging.INFO, logger="medlora.training.backends"):
         assert resolve_backend("auto") == "hf"
     assert "using hf" in caplog.text
 
@@ -132,8 +132,8 @@ def test_training_changes_the_adapter_not_the_base_and_logs_eval_loss(tmp_path, 
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from medlora.modeling import load_base_model
-    from medlora.training import train
+    from medlora.modeling.base_model import load_base_model
+    from medlora.training.train import train
 
     params = stage_params(tmp_path, tiny_base_dir, formatted_dir)
     report = train(params)
@@ -169,8 +169,8 @@ def test_training_changes_the_adapter_not_the_base_and_logs_eval_loss(tmp_path, 
 
 
 def test_absurd_learning_rate_stops_training_with_the_common_issues_fix(tmp_path, tiny_base_dir, formatted_dir):
-    from medlora.monitoring import TrainingHealthError
-    from medlora.training import train
+    from medlora.training.monitoring import TrainingHealthError
+    from medlora.training.train import train
 
     params = stage_params(tmp_path, tiny_base_dir, formatted_dir, learning_rate=1e4, max_steps=12, warmup_steps=0)
     with pytest.raises(TrainingHealthError, match=r"Loss explodes.*reduce train\.learning_rate by 10x"):
@@ -179,7 +179,7 @@ def test_absurd_learning_rate_stops_training_with_the_common_issues_fix(tmp_path
 
 
 def test_target_list_without_mamba_fails_before_training(tmp_path, tiny_base_dir, formatted_dir):
-    from medlora.training import train
+    from medlora.training.train import train
 
     lora = {"target_modules": ("q_proj", "k_proj", "v_proj", "o_proj")}
     with pytest.raises(CoverageError, match="no trainable parameters to mamba blocks; NemotronH's Mamba projection"):
@@ -286,7 +286,7 @@ def flattened_examples_leak(model, examples) -> float:
 def test_padding_free_is_used_only_where_flattened_examples_stay_apart(tiny_base_dir):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from medlora.backends import padding_free_supported
+    from medlora.training.backends import padding_free_supported
 
     torch.manual_seed(0)
     examples = [torch.randint(5, 400, (n,)) for n in (7, 12, 5)]

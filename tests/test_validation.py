@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from conftest import PROJECT_ROOT, example_rows
-from medlora.config import Params, PathsConfig, ValidateConfig
-from medlora.schema import COLUMNS, SPLITS, SnapshotParseError, write_jsonl
-from medlora.validation import RULES, ValidationFailed, check_splits, normalize_question, validate
+from medlora.core.config import Params, PathsConfig, ValidateConfig
+from medlora.data.schema import COLUMNS, SPLITS, SnapshotParseError, write_jsonl
+from medlora.data.validation import RULES, ValidationFailed, check_splits, normalize_question, validate
 
 IMG = '<img style="max-width: 100%" src=" />'
 

@@ -19,19 +19,19 @@ import argparse
 import importlib
 import sys
 
-from medlora.config import ConfigError
-from medlora.logs import setup_logging
+from medlora.core.config import ConfigError
+from medlora.core.logs import setup_logging
 
 # command -> (module, function); the function takes the parsed arguments and returns an exit code.
 HANDLERS: dict[str, tuple[str, str]] = {
-    "snapshot": ("medlora.snapshot", "snapshot_command"),
-    "restore": ("medlora.snapshot", "restore_command"),
-    "promote": ("medlora.registry", "promote_command"),
-    "rollback": ("medlora.registry", "rollback_command"),
-    "status": ("medlora.registry", "status_command"),
+    "snapshot": ("medlora.data.snapshot", "snapshot_command"),
+    "restore": ("medlora.data.snapshot", "restore_command"),
+    "promote": ("medlora.registry.register", "promote_command"),
+    "rollback": ("medlora.registry.register", "rollback_command"),
+    "status": ("medlora.registry.register", "status_command"),
     "ask": ("medlora.serving", "ask_command"),
     "export": ("medlora.serving", "export_command"),
-    "plan": ("medlora.planning", "plan_command"),
+    "plan": ("medlora.modeling.planning", "plan_command"),
 }
 
 

@@ -14,11 +14,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from medlora.config import Params, load_params
-from medlora.io import atomic_directory, read_json, write_json
-from medlora.prompts import ANSWER_PREFIX, answer_choices, prompt_messages
-from medlora.registry import RegistryError, alias_version, open_registry
-from medlora.schema import LETTERS, OPTION_COLUMNS
+from medlora.core.config import Params, load_params
+from medlora.core.io import atomic_directory, read_json, write_json
+from medlora.modeling.prompts import ANSWER_PREFIX, answer_choices, prompt_messages
+from medlora.registry.register import RegistryError, alias_version, open_registry
+from medlora.data.schema import LETTERS, OPTION_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def answer_multiple_choice(
 
 
 def answer_free_form(model: Any, tokenizer: Any, question: str, max_new_tokens: int) -> str:
-    from medlora.adapter_model import generate
+    from medlora.registry.adapter_model import generate
 
     messages = [{"role": "system", "content": FREE_FORM_SYSTEM_PROMPT}, {"role": "user", "content": question}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -88,7 +88,7 @@ TINY_LAYERS: tuple[str, ...] = (
     "moe",
 )
 TINY_HIDDEN = 64
-ASSETS_DIR = Path(__file__).parent / "assets"
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 TINY_VOCAB = 2048
 
 

@@ -12,10 +12,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from medlora.config import Params
-from medlora.io import atomic_directory, atomic_path, read_json, write_json
-from medlora.schema import write_jsonl
-from medlora.significance import build_gate
+from medlora.core.config import Params
+from medlora.core.io import atomic_directory, atomic_path, read_json, write_json
+from medlora.data.schema import write_jsonl
+from medlora.evaluation.significance import build_gate
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def log_to_mlflow(params: Params, report: dict[str, Any], artifacts: list[Path])
     """
     import mlflow
 
-    from medlora.tracking import resume_pipeline_run
+    from medlora.core.tracking import resume_pipeline_run
 
     train_report = Path(params.paths.reports_dir) / "train.json"
     if not train_report.exists():

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from medlora.config import LoraParams, TrainConfig
+from medlora.core.config import LoraParams, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def load_peft_model(
     """
     from transformers import AutoTokenizer, set_seed
 
-    from medlora.modeling import load_base_model, weights_location
+    from medlora.modeling.base_model import load_base_model, weights_location
 
     kwargs = lora_kwargs(lora)
     set_seed(train.seed)  # the same LoRA initialisation for the same params

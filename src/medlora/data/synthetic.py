@@ -1,4 +1,4 @@
-"""A deterministic, MedMCQA-shaped dataset written from the fact table in `medlora.facts`.
+"""A deterministic, MedMCQA-shaped dataset written from the fact table in `medlora.data.facts`.
 
 Same seed and sizes -> the same bytes on every machine: one `random.Random(seed)` drives every choice, the
 table is iterated in its written order, and nothing depends on `hash()` or set order. That is what lets a fresh
@@ -24,8 +24,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from medlora.facts import RELATIONS, Multi, Relation
-from medlora.schema import COLUMNS, LETTERS, UNLABELED_COP
+from medlora.data.facts import RELATIONS, Multi, Relation
+from medlora.data.schema import COLUMNS, LETTERS, UNLABELED_COP
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from medlora.config import LoraParams, Params, TrainConfig, load_params
-from medlora.presets import get_preset
+from medlora.core.config import LoraParams, Params, TrainConfig, load_params
+from medlora.modeling.presets import get_preset
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def preset_config(params: Params, preset_name: str) -> Any:
     """The architecture config of a preset without downloading weights (shipped file, tiny builder, or hub)."""
     from transformers import AutoConfig
 
-    from medlora.presets import TINY_VOCAB, published_config, tiny_nemotron_h_config
+    from medlora.modeling.presets import TINY_VOCAB, published_config, tiny_nemotron_h_config
 
     preset = get_preset(preset_name)
     if preset.architecture_config is not None:
@@ -122,7 +122,7 @@ def count_parameters(config: Any, lora: LoraParams) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from medlora.coverage import trainable_params_by_block
+    from medlora.training.coverage import trainable_params_by_block
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

@@ -13,10 +13,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from medlora.config import Params
-from medlora.io import atomic_directory, read_json, write_json
-from medlora.modeling import BASE_REFERENCE_FILE, load_base_model, read_base_reference
-from medlora.presets import directory_hash
+from medlora.core.config import Params
+from medlora.core.io import atomic_directory, read_json, write_json
+from medlora.modeling.base_model import BASE_REFERENCE_FILE, load_base_model, read_base_reference
+from medlora.modeling.presets import directory_hash
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def merge(params: Params) -> dict[str, Any]:
     """The merge stage: merge, write reports/merge.json, log it to the pipeline's MLflow run (from train.json)."""
     import mlflow
 
-    from medlora import tracking
+    from medlora.core import tracking
 
     reports = Path(params.paths.reports_dir)
     run_id = read_json(reports / "train.json").get("mlflow_run_id")

@@ -17,9 +17,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from medlora.config import ModelConfig
-from medlora.io import atomic_directory, read_json, write_json
-from medlora.presets import TINY_VOCAB, Preset, directory_hash, get_preset, tiny_nemotron_h_config
+from medlora.core.config import ModelConfig
+from medlora.core.io import atomic_directory, read_json, write_json
+from medlora.modeling.presets import TINY_VOCAB, Preset, directory_hash, get_preset, tiny_nemotron_h_config
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def tokenizer_corpus(rows: Iterable[dict[str, Any]]) -> Iterable[str]:
     "<|im_start|>" in the corpus would only waste merges). Every row contributes all four answers it could
     have, so " A".." D" after "The correct answer is" are among the most frequent merges whatever the split.
     """
-    from medlora.prompts import ANSWER_PREFIX, DEFAULT_SYSTEM_PROMPT, answer_choices, render_user, row_options
+    from medlora.modeling.prompts import ANSWER_PREFIX, DEFAULT_SYSTEM_PROMPT, answer_choices, render_user, row_options
 
     yield f"system\n{DEFAULT_SYSTEM_PROMPT}"
     for row in rows:
@@ -72,7 +72,7 @@ def build_tiny_model(tokenizer: Any, seed: int) -> Any:
 
 def write_tiny_base(config: ModelConfig, preset: Preset, train_rows: list[dict[str, Any]], staging: Path) -> dict:
     """Train the tokenizer on `train_rows`, build the model, save both into `staging`; returns the reference."""
-    from medlora.tokenizer import answer_letter_tokens, train_chat_tokenizer
+    from medlora.modeling.tokenizer import answer_letter_tokens, train_chat_tokenizer
 
     if not train_rows:
         raise ValueError("model: the tiny preset trains its tokenizer on the train split, which has no rows")
@@ -118,7 +118,7 @@ def load_hub_tokenizer(name: str, revision: str | None) -> Any:
     """The tokenizer of a hub/local model, with a ChatML template (marked turns) when it ships none."""
     from transformers import AutoTokenizer
 
-    from medlora.tokenizer import CHATML_TEMPLATE, IM_END, IM_START
+    from medlora.modeling.tokenizer import CHATML_TEMPLATE, IM_END, IM_START
 
     check_hub_reachable(name, revision)
     try:

@@ -27,9 +27,9 @@ from urllib.parse import urlparse
 
 import yaml
 
-from medlora.config import SnapshotConfig, load_params
-from medlora.io import atomic_directory, write_json
-from medlora.schema import COLUMNS, SPLITS, UNLABELED_COP, read_jsonl_rows, split_path, write_jsonl
+from medlora.core.config import SnapshotConfig, load_params
+from medlora.core.io import atomic_directory, write_json
+from medlora.data.schema import COLUMNS, SPLITS, UNLABELED_COP, read_jsonl_rows, split_path, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def read_hub(dataset: str, revision: str | None) -> tuple[dict[str, list[dict]],
 
 def read_synthetic(config: SnapshotConfig) -> tuple[dict[str, list[dict]], dict[str, Any]]:
     """The deterministic synthetic splits for `config` (seed and sizes), with their provenance."""
-    from medlora.synthetic import GENERATOR_VERSION, generate_splits
+    from medlora.data.synthetic import GENERATOR_VERSION, generate_splits
 
     splits = generate_splits(config.seed, config.train_size, config.validation_size, config.test_size)
     sizes = {"seed": config.seed, "train_size": config.train_size}

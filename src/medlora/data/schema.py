@@ -84,7 +84,7 @@ def read_split(data_dir: str | Path, split: str) -> list[dict[str, Any]]:
 
 def write_jsonl(path: str | Path, rows: list[dict[str, Any]]) -> None:
     """Write rows atomically, so a crash never leaves a half-written file behind."""
-    from medlora.io import atomic_path
+    from medlora.core.io import atomic_path
 
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for row in rows:

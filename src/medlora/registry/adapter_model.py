@@ -17,9 +17,9 @@ from typing import Any
 
 import mlflow.pyfunc
 
-from medlora.io import read_json
-from medlora.modeling import BASE_REFERENCE_FILE, BaseModelUnavailable, offline, torch_dtype_of
-from medlora.presets import directory_hash
+from medlora.core.io import read_json
+from medlora.modeling.base_model import BASE_REFERENCE_FILE, BaseModelUnavailable, offline, torch_dtype_of
+from medlora.modeling.presets import directory_hash
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from medlora.schema import LETTERS
+from medlora.data.schema import LETTERS
 
 IM_START, IM_END, PAD, BOS = "<|im_start|>", "<|im_end|>", "<|pad|>", "<|begin_of_text|>"
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -79,7 +79,7 @@ def answer_letter_tokens(tokenizer: Any) -> dict[str, int]:
             pieces = tokenizer.convert_ids_to_tokens(with_context)
             raise ValueError(
                 f"tokenizer: ' {letter}' after 'is' is not one token ({pieces}); retrain it on a corpus that "
-                "contains the answers (medlora.modeling.tokenizer_corpus) or raise its vocab size"
+                "contains the answers (medlora.modeling.base_model.tokenizer_corpus) or raise its vocab size"
             )
         tokens[letter] = alone[0]
     return tokens

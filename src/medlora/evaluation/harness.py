@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medlora.config import EvaluateConfig, Params
-from medlora.evaluation_report import METRICS, build_report, plot_subject_accuracy, write_samples
-from medlora.io import read_json, write_json
-from medlora.modeling import BASE_REFERENCE_FILE, offline, read_base_reference, weights_location
-from medlora.presets import get_preset
+from medlora.core.config import EvaluateConfig, Params
+from medlora.evaluation.report import METRICS, build_report, plot_subject_accuracy, write_samples
+from medlora.core.io import read_json, write_json
+from medlora.modeling.base_model import BASE_REFERENCE_FILE, offline, read_base_reference, weights_location
+from medlora.modeling.presets import get_preset
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Each relation maps a key to a value one-to-one (no key and no value repeats insi
 built from one fact has exactly one right option when its distractors are the other facts' values (or keys).
 `forward` templates ask the value given `{key}`; `reverse` templates ask the key given `{value}` (or
 `{value_lc}`, the value with a lower-case first letter). The LAST template of each direction is held out: only
-validation and test use it (see `medlora.synthetic`). A `Multi` template is labelled `choice_type: multi`, as
+validation and test use it (see `medlora.data.synthetic`). A `Multi` template is labelled `choice_type: multi`, as
 MedMCQA labels its "true about" / "–" questions. A fact may carry a third item, its own `subject_name`.
 
 The table is data, not code: editing it changes the synthetic snapshot's bytes, so `data.dvc` must be

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from medlora.config import PromoteConfig
+from medlora.core.config import PromoteConfig
 
 # Version tags the registry writes (see registry.version_tags) and the champion is read back from.
 GATE_KEYS: tuple[str, ...] = ("metric", "base", "adapter", "merged", "uplift", "p_value", "merged_vs_adapter")

@@ -38,9 +38,9 @@ from typing import Any
 
 import pandas as pd
 
-from medlora.config import Params, ValidateConfig
-from medlora.io import atomic_directory, write_json
-from medlora.schema import (
+from medlora.core.config import Params, ValidateConfig
+from medlora.core.io import atomic_directory, write_json
+from medlora.data.schema import (
     CHOICE_TYPES,
     COLUMNS,
     OPTION_COLUMNS,

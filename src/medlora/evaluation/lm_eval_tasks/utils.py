@@ -13,9 +13,9 @@ from typing import Any
 # The built-in task's own prompt function: medmcqa_local's prompt is lm-eval's, by construction.
 from lm_eval.tasks.medmcqa.utils_medmcqa import doc_to_text
 
-from medlora.formatting import scoring_context
-from medlora.prompts import ANSWER_PREFIX, answer_choices, render_answer
-from medlora.schema import read_jsonl_rows
+from medlora.modeling.formatting import scoring_context
+from medlora.modeling.prompts import ANSWER_PREFIX, answer_choices, render_answer
+from medlora.data.schema import read_jsonl_rows
 
 __all__ = [
     "chat_answer",

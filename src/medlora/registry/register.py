@@ -14,11 +14,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from medlora.config import Params
-from medlora.gates import Champion, Verdict, candidate_from_gate, champion_from_tags, gate_tags, should_promote
-from medlora.io import read_json
-from medlora.presets import directory_hash
-from medlora.tracking import configure_tracking, dvc_lock_md5, lineage_tags, resume_pipeline_run, tracking_uri
+from medlora.core.config import Params
+from medlora.registry.gates import Champion, Verdict, candidate_from_gate, champion_from_tags, gate_tags, should_promote
+from medlora.core.io import read_json
+from medlora.modeling.presets import directory_hash
+from medlora.core.tracking import configure_tracking, dvc_lock_md5, lineage_tags, resume_pipeline_run, tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def register_one(client: Any, params: Params, kind: str, identity: dict[str, str
     """
     import mlflow
 
-    from medlora.adapter_model import log_adapter_model
+    from medlora.registry.adapter_model import log_adapter_model
 
     name = params.register.adapter_name if kind == "adapter" else params.register.merged_name
     existing = find_version(client, name, identity)
@@ -260,7 +260,7 @@ def format_table(rows: list[dict[str, str]]) -> str:
 
 def status_command(args: Any) -> int:
     """`medlora status`: the table of registered versions, aliases and key metrics."""
-    from medlora.config import load_params
+    from medlora.core.config import load_params
 
     params = load_params(args.params)
     print(format_table(status_rows(open_registry(params), params)))
@@ -269,13 +269,13 @@ def status_command(args: Any) -> int:
 
 def promote_command(args: Any) -> int:
     """`medlora promote VERSION [--force --reason TEXT]`: see promotion.promote_version."""
-    from medlora.promotion import promote_command as command
+    from medlora.registry.promote import promote_command as command
 
     return command(args)
 
 
 def rollback_command(args: Any) -> int:
     """`medlora rollback`: see promotion.rollback."""
-    from medlora.promotion import rollback_command as command
+    from medlora.registry.promote import rollback_command as command
 
     return command(args)

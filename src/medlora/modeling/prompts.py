@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from medlora.schema import LETTERS, OPTION_COLUMNS
+from medlora.data.schema import LETTERS, OPTION_COLUMNS
 
 ANSWER_PREFIX = "The correct answer is"
 DEFAULT_SYSTEM_PROMPT = "You are a medical expert. Answer the multiple choice question."

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medlora.config import FormatConfig
-from medlora.io import atomic_directory
-from medlora.prompts import ANSWER_PREFIX, prompt_messages, training_messages
-from medlora.schema import LETTERS, read_jsonl_rows
-from medlora.tokenizer import has_generation_marks
+from medlora.core.config import FormatConfig
+from medlora.core.io import atomic_directory
+from medlora.modeling.prompts import ANSWER_PREFIX, prompt_messages, training_messages
+from medlora.data.schema import LETTERS, read_jsonl_rows
+from medlora.modeling.tokenizer import has_generation_marks
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from medlora.io import atomic_path
+from medlora.core.io import atomic_path
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from medlora.config import Params
+from medlora.core.config import Params
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def git_commit(cwd: str | Path = ".") -> str:
 
 def data_dvc_md5(path: str | Path = "data.dvc") -> str:
     """The md5 that `data.dvc` records for the snapshot directory, or "unknown"."""
-    from medlora.snapshot import recorded_md5
+    from medlora.data.snapshot import recorded_md5
 
     try:
         return recorded_md5(path)

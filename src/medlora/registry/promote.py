@@ -17,9 +17,9 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from medlora.config import Params
-from medlora.gates import Verdict, candidate_from_gate, gate_from_tags, should_promote
-from medlora.registry import (
+from medlora.core.config import Params
+from medlora.registry.gates import Verdict, candidate_from_gate, gate_from_tags, should_promote
+from medlora.registry.register import (
     CHALLENGER,
     CHAMPION,
     RegistryError,
@@ -241,7 +241,7 @@ def promote_stage(params: Params) -> dict[str, Any]:
     """The `promote` stage: gates from this run's reports on the versions in reports/registration.json."""
     from pathlib import Path
 
-    from medlora.io import read_json
+    from medlora.core.io import read_json
 
     registration = read_json(Path(params.paths.reports_dir) / "registration.json")
     reports = read_reports(params)
@@ -255,7 +255,7 @@ def promote_stage(params: Params) -> dict[str, Any]:
 
 def promote_command(args: Any) -> int:
     """`medlora promote VERSION [--force --reason TEXT]`; exit code 1 when the gates reject it."""
-    from medlora.config import load_params
+    from medlora.core.config import load_params
 
     if args.force and not args.reason:
         raise ValueError("--force needs --reason TEXT: the override is recorded on the version")
@@ -268,7 +268,7 @@ def promote_command(args: Any) -> int:
 
 
 def rollback_command(args: Any) -> int:
-    from medlora.config import load_params
+    from medlora.core.config import load_params
 
     print(f"champion restored: {rollback(load_params(args.params))}")
     return 0

@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medlora.config import Params
-from medlora.io import atomic_directory, write_json
+from medlora.core.config import Params
+from medlora.core.imports import stage_code_files
+from medlora.core.io import atomic_directory, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ def training_fingerprint(params: Params, formatted_dir: str | Path, base_dir: st
     digest = hashlib.sha256()
     # The training code is part of it: a checkpoint written by other code (a fixed loss, another collator) must not
     # be resumed as if nothing changed. DVC reruns the stage for the same reason.
-    code = [Path(__file__).with_name(name) for name in ("training.py", "backends.py", "coverage.py", "monitoring.py")]
+    # The same files dvc.yaml lists for the stage (core/imports.py computes both from the import closure).
+    code = stage_code_files("medlora.training.train")
     for path in [*sorted(Path(formatted_dir).glob("*.jsonl")), Path(base_dir) / "medlora_base.json", *code]:
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
@@ -99,7 +101,7 @@ def train(params: Params) -> dict[str, Any]:
     Raises CoverageError (gate or gradient check), TrainingHealthError (NaN/exploding loss),
     UnslothUnavailable, or ValueError for bad params/inputs; the MLflow run is then marked FAILED.
     """
-    from medlora.backends import (
+    from medlora.training.backends import (
         batching,
         load_formatted,
         load_peft_model,
@@ -113,7 +115,7 @@ def train(params: Params) -> dict[str, Any]:
     import torch
     from accelerate import PartialState
 
-    from medlora import coverage, monitoring
+    from medlora.training import coverage, monitoring
 
     # Under `accelerate launch` every rank runs this function; only the main process owns the MLflow run,
     # the checkpoint marks, the adapter and the reports (the others would race it for the same files).
@@ -236,7 +238,7 @@ def train(params: Params) -> dict[str, Any]:
 
 def refuse_if_over_memory(params: Params) -> None:
     """Before loading any weights: stop when `medlora plan`'s estimate exceeds the declared `train.gpu_memory`."""
-    from medlora.planning import check_fits, parse_memory, plan
+    from medlora.modeling.planning import check_fits, parse_memory, plan
 
     report = plan(params)
     check_fits(report, parse_memory(params.train.gpu_memory), params.train.gradient_checkpointing)
@@ -261,7 +263,7 @@ def open_run(params: Params, run_id: str) -> Any:
     """Reopen the MLflow run a resumed checkpoint belongs to (one run per pipeline run), else start one."""
     from mlflow.exceptions import MlflowException
 
-    from medlora import tracking
+    from medlora.core import tracking
 
     if run_id:
         try:
@@ -272,7 +274,7 @@ def open_run(params: Params, run_id: str) -> Any:
 
 
 def write_history_and_plot(log_history: list[dict[str, Any]], reports: Path) -> None:
-    from medlora.monitoring import history_rows, plot_losses, write_history
+    from medlora.training.monitoring import history_rows, plot_losses, write_history
 
     rows = history_rows(log_history)
     write_history(rows, reports / "train_history.csv")
