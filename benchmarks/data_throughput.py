@@ -38,8 +38,8 @@ log = logging.getLogger("benchmark")
 def build_project(root: Path) -> int:
     """params.yaml with full-size snapshot params, data/medmcqa, outputs/base_model; returns the row count."""
     from medlora.core.config import ModelConfig, load_params
-    from medlora.modeling.base_model import build_base_model
     from medlora.data.snapshot import read_synthetic, write_snapshot
+    from medlora.modeling.base_model import build_base_model
 
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text(encoding="utf-8"))
     params["snapshot"].update(SIZES)

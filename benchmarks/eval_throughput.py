@@ -49,9 +49,10 @@ def build_inputs(work: Path, params: Any, source: str, model: str) -> dict[str, 
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from medlora.modeling.base_model import BASE_REFERENCE_FILE, build_base_model, load_base_model
-    from medlora.data.schema import read_jsonl_rows, write_jsonl
+    from medlora.core.io import write_jsonl
+    from medlora.data.schema import read_jsonl_rows
     from medlora.data.synthetic import generate_splits
+    from medlora.modeling.base_model import BASE_REFERENCE_FILE, build_base_model, load_base_model
 
     started = time.perf_counter()
     snap = params.snapshot
@@ -83,7 +84,8 @@ def build_inputs(work: Path, params: Any, source: str, model: str) -> dict[str, 
 
 def write_slice(work: Path, questions: int) -> Path:
     """The first `questions` validation rows in their own file, so sweep calls do not load all 4,183 rows."""
-    from medlora.data.schema import read_jsonl_rows, write_jsonl
+    from medlora.core.io import write_jsonl
+    from medlora.data.schema import read_jsonl_rows
 
     path = work / "sweep" / "validation.jsonl"
     write_jsonl(path, read_jsonl_rows(work / "outputs" / "validated" / "validation.jsonl")[:questions])
@@ -104,8 +106,8 @@ def time_call(params: Any, model: str, tasks: list[str], validation: Path, batch
 
     Raises RuntimeError when the harness scored another number of questions than the file holds.
     """
-    from medlora.evaluation import harness as evaluation
     from medlora.data.schema import read_jsonl_rows
+    from medlora.evaluation import harness as evaluation
 
     config = dataclasses.replace(params.evaluate, batch_size=batch_size, limit=None)
     started = time.perf_counter()

@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_inputs(work: Path, params) -> None:
-    from medlora.modeling.formatting import format_training_data
-    from medlora.modeling.base_model import build_base_model
-    from medlora.data.schema import write_jsonl
+    from medlora.core.io import write_jsonl
     from medlora.data.synthetic import generate_splits
+    from medlora.modeling.base_model import build_base_model
+    from medlora.modeling.formatting import format_training_data
 
     snap = params.snapshot
     train_rows = generate_splits(snap.seed, snap.train_size, 0, 0)["train"]

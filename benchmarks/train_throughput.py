@@ -328,7 +328,7 @@ def print_table(results: dict[str, dict[str, Any]]) -> None:
 
 def main() -> None:
     from medlora.core.config import load_params
-    from medlora.core.logs import setup_logging
+    from medlora.core.stage import setup_logging
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=32, help="optimizer steps per way (one epoch of steps x 16)")
@@ -345,10 +345,10 @@ def main() -> None:
     import transformers
     from transformers import AutoTokenizer
 
-    from medlora.training.backends import batching
     from medlora.core.io import write_json
-    from medlora.modeling.base_model import build_base_model
     from medlora.data.synthetic import generate_splits
+    from medlora.modeling.base_model import build_base_model
+    from medlora.training.backends import batching
 
     torch.set_num_threads(1)
     datasets.disable_progress_bars()

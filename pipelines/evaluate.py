@@ -7,38 +7,19 @@ the project's lm-eval tasks (`src/medlora/lm_eval_tasks`) through `lm_eval.simpl
 `evaluate.models`; writes per-sample logs to `paths.eval_dir`, `reports/eval.json` (per model and task figures,
 per-subject accuracy, the `gate` object promotion reads) and `reports/plots/subject_accuracy.png`, and logs them
 to the pipeline's MLflow run (the id in `reports/train.json`).
+
+The library verb `evaluation.harness.run(params)` writes the stage's outputs and returns its report;
+`run_stage` writes the report and logs its summary (see src/medlora/core/stage.py).
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
-from medlora.core.config import load_params
-from medlora.evaluation.harness import evaluate
-from medlora.evaluation.report import log_to_mlflow
-from medlora.core.logs import setup_logging
-
-logger = logging.getLogger("pipelines.evaluate")
+from medlora.core.stage import run_stage
+from medlora.evaluation import harness
 
 
 def main() -> None:
-    setup_logging()
-    params = load_params()
-    report = evaluate(params)
-    reports = Path(params.paths.reports_dir)
-    log_to_mlflow(params, report, [reports / "eval.json", reports / "plots" / "subject_accuracy.png"])
-    gate = report["gate"]
-    logger.info(
-        "evaluate: %s base %s adapter %s merged %s uplift %s p %s (%.1f s)",
-        gate["metric"],
-        gate["base"],
-        gate["adapter"],
-        gate["merged"],
-        gate["uplift"],
-        gate["p_value"],
-        report["wall_seconds"],
-    )
+    run_stage(harness.run)
 
 
 if __name__ == "__main__":

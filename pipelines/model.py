@@ -5,29 +5,19 @@
 tiny-nemotron-h: trains the tokenizer on the validated train split and builds a NemotronH with random weights
 from `model.seed`, saved as a Hugging Face directory. Hub presets: writes the tokenizer and the reference
 (hub id + pinned revision) only; the weights are loaded by `from_pretrained` where training runs.
+
+The library verb `modeling.base_model.run(params)` writes the stage's outputs and returns its report;
+`run_stage` writes the report and logs its summary (see src/medlora/core/stage.py).
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from pathlib import Path
-
-from medlora.core.config import load_params
-from medlora.core.logs import setup_logging
-from medlora.modeling.base_model import build_base_model
-from medlora.data.schema import read_jsonl_rows
-
-logger = logging.getLogger("pipelines.model")
+from medlora.core.stage import run_stage
+from medlora.modeling import base_model
 
 
 def main() -> None:
-    setup_logging()
-    params = load_params()
-    start = time.monotonic()
-    train_rows = read_jsonl_rows(Path(params.paths.validated_dir) / "train.jsonl")
-    reference = build_base_model(params.model, train_rows, params.paths.base_model_dir)
-    logger.info("model: %s in %.1f s -> %s", reference, time.monotonic() - start, params.paths.base_model_dir)
+    run_stage(base_model.run)
 
 
 if __name__ == "__main__":

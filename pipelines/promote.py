@@ -5,23 +5,19 @@
 Reads reports/registration.json, reports/eval.json (`gate`), reports/validation.json, reports/train.json and the
 current champion's tags; writes reports/promotion.json (`decision`, `reasons`, champion before and after).
 A rejected candidate is not an error: it stays `challenger` and the stage succeeds.
+
+The library verb `registry.promote.run(params)` writes the stage's outputs and returns its report;
+`run_stage` writes the report and logs its summary (see src/medlora/core/stage.py).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from medlora.core.config import load_params
-from medlora.core.io import write_json
-from medlora.core.logs import setup_logging
-from medlora.registry.promote import promote_stage
+from medlora.core.stage import run_stage
+from medlora.registry import promote
 
 
 def main() -> None:
-    setup_logging()
-    params = load_params()
-    promotion = promote_stage(params)
-    write_json(Path(params.paths.reports_dir) / "promotion.json", promotion)
+    run_stage(promote.run)
 
 
 if __name__ == "__main__":

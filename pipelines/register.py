@@ -6,23 +6,19 @@ Reads reports/train.json (the pipeline's MLflow run), reports/eval.json (`gate`)
 outputs/adapter + outputs/merged directories; registers `register.adapter_name` and `register.merged_name`
 versions (alias `challenger`, or the existing versions when these outputs were registered before) and writes
 reports/registration.json.
+
+The library verb `registry.register.run(params)` writes the stage's outputs and returns its report;
+`run_stage` writes the report and logs its summary (see src/medlora/core/stage.py).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from medlora.core.config import load_params
-from medlora.core.io import write_json
-from medlora.core.logs import setup_logging
-from medlora.registry.register import register
+from medlora.core.stage import run_stage
+from medlora.registry import register
 
 
 def main() -> None:
-    setup_logging()
-    params = load_params()
-    registration = register(params)
-    write_json(Path(params.paths.reports_dir) / "registration.json", registration)
+    run_stage(register.run)
 
 
 if __name__ == "__main__":

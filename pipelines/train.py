@@ -8,18 +8,19 @@ Reads `params.lora` (LoraConfig fields + `required_blocks`) and `params.train` (
 `paths.checkpoints_dir` (a killed run started again resumes from the last one), `reports/train.json`
 (`mlflow_run_id`, `trainable_params_by_block`, `coverage`), `reports/train_history.csv` and
 `reports/plots/train_loss.png`. Opens the pipeline's MLflow run; later stages reopen it.
+
+The library verb `training.train.run(params)` writes the stage's outputs and returns its report;
+`run_stage` writes the report and logs its summary (see src/medlora/core/stage.py).
 """
 
 from __future__ import annotations
 
-from medlora.core.config import load_params
-from medlora.core.logs import setup_logging
-from medlora.training.train import train
+from medlora.core.stage import run_stage
+from medlora.training import train
 
 
 def main() -> None:
-    setup_logging()
-    train(load_params())
+    run_stage(train.run)
 
 
 if __name__ == "__main__":

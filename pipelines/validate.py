@@ -6,34 +6,19 @@ Reads `params.yaml` (`validate`, `paths`). Writes outputs/validated/{split}.json
 outputs/quarantine/{split}.jsonl (flagged rows with their reasons) and reports/validation.json.
 Exits non-zero, naming file, line and problem, when a snapshot file cannot be parsed; and, under
 `validate.on_error: fail`, when any rule flags a row.
+
+The library verb `data.validation.run(params)` writes the stage's outputs and returns its report;
+`run_stage` writes the report and logs its summary (see src/medlora/core/stage.py).
 """
 
 from __future__ import annotations
 
-import logging
-import sys
-
-from medlora.core.config import load_params
-from medlora.core.logs import setup_logging
-from medlora.data.schema import SnapshotParseError
-from medlora.data.validation import ValidationFailed, validate
-
-log = logging.getLogger("validate")
+from medlora.core.stage import run_stage
+from medlora.data import validation
 
 
 def main() -> None:
-    setup_logging()
-    params = load_params()
-    try:
-        report = validate(params)
-    except SnapshotParseError as error:
-        log.error("cannot parse the snapshot: %s", error)
-        sys.exit(1)
-    except ValidationFailed as error:
-        log.error("%s", error)
-        sys.exit(1)
-    for split, counts in report["splits"].items():
-        log.info("%-10s in %6d  kept %6d  quarantined %5d", split, *counts.values())
+    run_stage(validation.run)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import yaml
 
 from conftest import PROJECT_ROOT, example_rows
 from medlora.core.config import FormatConfig, parse_params
+from medlora.core.io import read_json, write_json, write_jsonl
+from medlora.data.schema import read_jsonl_rows
 from medlora.evaluation.harness import (
     TASKS_DIR,
     EvaluationError,
@@ -24,8 +26,6 @@ from medlora.evaluation.harness import (
     resolve_primary_metric,
     resolve_tasks,
 )
-from medlora.core.io import read_json, write_json
-from medlora.data.schema import read_jsonl_rows, write_jsonl
 from medlora.evaluation.significance import build_gate, mcnemar_p_value, paired_test, wilcoxon_p_value
 
 SYSTEM_PROMPT = FormatConfig().system_prompt
@@ -279,8 +279,8 @@ def test_samples_come_from_the_validation_split_only(report, project):
 def test_metrics_logged_to_the_pipeline_run(report, project, monkeypatch):
     import mlflow
 
-    from medlora.evaluation.report import log_to_mlflow
     from medlora.core.tracking import start_pipeline_run
+    from medlora.evaluation.report import log_to_mlflow
 
     params = project_params(project)
     with start_pipeline_run(params) as run:

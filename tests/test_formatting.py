@@ -12,17 +12,10 @@ import pytest
 
 from conftest import example_rows
 from medlora.core.config import FormatConfig
-from medlora.modeling.formatting import (
-    EARLY_STOP_FILE,
-    TRAIN_FILE,
-    FormatError,
-    fit_to_length,
-    format_training_data,
-    render_example,
-    scoring_context,
-)
+from medlora.core.io import write_jsonl
+from medlora.modeling.formatting import EARLY_STOP_FILE, FormatError, TRAIN_FILE, fit_to_length, format_training_data, render_example
+from medlora.modeling.prompts import scoring_context
 from medlora.modeling.prompts import ANSWER_PREFIX, answer_choices
-from medlora.data.schema import write_jsonl
 from medlora.modeling.tokenizer import CHATML_TEMPLATE
 
 CONFIG = FormatConfig()
@@ -100,7 +93,7 @@ def test_context_plus_correct_choice_tokenizes_as_the_training_example(tokenizer
     config = replace(CONFIG, include_explanation=include_explanation)
     for row in example_rows(40):
         example = render_example(row, tokenizer, config)
-        context = scoring_context(row, tokenizer, config.system_prompt)
+        context = scoring_context(tokenizer, row, config.system_prompt)
         assert context.endswith(ANSWER_PREFIX) and context == context.rstrip()  # nothing for lm-eval to move
         correct = answer_choices(row)[row["cop"]]
         ids = tokenizer(context + correct, add_special_tokens=False)["input_ids"]
@@ -121,7 +114,7 @@ def test_lm_eval_splits_context_and_choice_where_training_does(tokenizer, tiny_b
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
     for row in example_rows(12):
         example = render_example(row, tokenizer, CONFIG)
-        context = scoring_context(row, tokenizer, CONFIG.system_prompt)
+        context = scoring_context(tokenizer, row, CONFIG.system_prompt)
         encoded = {choice: lm._encode_pair(context, choice) for choice in answer_choices(row)}
         context_encs = {tuple(context_enc) for context_enc, _ in encoded.values()}
         assert len(context_encs) == 1  # one context for the four choices

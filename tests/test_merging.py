@@ -10,8 +10,8 @@ import torch
 
 from conftest import example_rows
 from medlora.core.config import MergeConfig, Params, PathsConfig
-from medlora.training.merge import MergeParityError, batch_logits, merge, merge_adapter, parity_batch
 from medlora.modeling.presets import NEMOTRON_H_TARGETS
+from medlora.training.merge import MergeParityError, batch_logits, merge, merge_adapter, parity_batch
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from medlora.core.config import parse_params
-from medlora.modeling.planning import GIB, check_fits, full_finetune_memory, lora_memory, parse_memory, plan, render_plan
+from medlora.modeling.planning import (
+    GIB,
+    check_fits,
+    full_finetune_memory,
+    lora_memory,
+    parse_memory,
+    plan,
+    render_plan,
+)
 
 GB = 1e9
 

@@ -71,10 +71,11 @@ def test_scored_context_and_choice_tokenize_exactly_like_the_training_example(ti
     from transformers import AutoTokenizer
 
     from medlora.modeling.prompts import answer_choices
-    from medlora.serving import continuation_ids, multiple_choice_context
+    from medlora.modeling.prompts import scoring_context
+    from medlora.serving import continuation_ids
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_base_dir))
-    context = multiple_choice_context(tokenizer, ROW, prompt_system())
+    context = scoring_context(tokenizer, ROW, prompt_system())
     assert context.endswith(ANSWER_PREFIX)
     trained = tokenizer.apply_chat_template(training_messages(ROW, prompt_system()), tokenize=True, return_dict=True)
     context_ids, choice_ids = continuation_ids(tokenizer, context, answer_choices(ROW)[1])
@@ -127,8 +128,8 @@ def test_mlflow_serves_the_merged_champion(champion_project, params, outputs):  
     """`mlflow models serve -m models:/medlora-merged@champion` answers a MedMCQA question on /invocations."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medlora.registry.adapter_model import generate
     from medlora.core.tracking import tracking_uri
+    from medlora.registry.adapter_model import generate
 
     tokenizer = AutoTokenizer.from_pretrained(str(outputs[0]["merged"]))
     prompt = tokenizer.apply_chat_template(prompt_messages(ROW), add_generation_prompt=True, tokenize=False)

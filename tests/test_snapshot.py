@@ -16,7 +16,8 @@ import yaml
 from conftest import PROJECT_ROOT, example_rows
 from medlora import cli
 from medlora.core.config import SnapshotConfig
-from medlora.data.schema import COLUMNS, SPLITS, read_jsonl_rows
+from medlora.core.contracts import COLUMNS, SPLITS
+from medlora.data.schema import read_jsonl_rows
 from medlora.data.snapshot import (
     HubUnavailable,
     ensure_hub_reachable,

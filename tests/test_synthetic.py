@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from medlora.core.contracts import COLUMNS, LETTERS
 from medlora.data.facts import RELATIONS
-from medlora.data.schema import COLUMNS, LETTERS
 from medlora.data.synthetic import build_items, generate_splits, is_held_out_fact
 from medlora.data.validation import normalize_question
 

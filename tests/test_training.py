@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from conftest import PROJECT_ROOT, example_rows
+from medlora.core.config import LoraParams, Params, PathsConfig, TrainConfig
 from medlora.training.backends import (
     TRAIN_OWN_KEYS,
     UnslothUnavailable,
@@ -26,7 +27,6 @@ from medlora.training.backends import (
     resolve_backend,
     sft_config,
 )
-from medlora.core.config import LoraParams, Params, PathsConfig, TrainConfig
 from medlora.training.coverage import CoverageError
 from medlora.training.train import CHECKPOINT_MARK, find_resumable_checkpoint
 

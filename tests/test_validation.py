@@ -13,7 +13,9 @@ import yaml
 
 from conftest import PROJECT_ROOT, example_rows
 from medlora.core.config import Params, PathsConfig, ValidateConfig
-from medlora.data.schema import COLUMNS, SPLITS, SnapshotParseError, write_jsonl
+from medlora.core.contracts import COLUMNS, SPLITS
+from medlora.core.io import write_jsonl
+from medlora.data.schema import SnapshotParseError
 from medlora.data.validation import RULES, ValidationFailed, check_splits, normalize_question, validate
 
 IMG = '<img style="max-width: 100%" src=" />'

@@ -9,30 +9,18 @@
     medlora export --alias champion DIR
     medlora plan [--preset NAME] [--gpu-memory 80GiB]
 
-Each command's work lives in the library module named below; this file only parses arguments, so
-`medlora --help` stays fast (heavy libraries are imported by the command that needs them).
+Every handler is here; the work each does lives in the library (data.snapshot, registry.promote, serving, ...).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import logging
 import sys
+from collections.abc import Callable
 
-from medlora.core.config import ConfigError
-from medlora.core.logs import setup_logging
-
-# command -> (module, function); the function takes the parsed arguments and returns an exit code.
-HANDLERS: dict[str, tuple[str, str]] = {
-    "snapshot": ("medlora.data.snapshot", "snapshot_command"),
-    "restore": ("medlora.data.snapshot", "restore_command"),
-    "promote": ("medlora.registry.register", "promote_command"),
-    "rollback": ("medlora.registry.register", "rollback_command"),
-    "status": ("medlora.registry.register", "status_command"),
-    "ask": ("medlora.serving", "ask_command"),
-    "export": ("medlora.serving", "export_command"),
-    "plan": ("medlora.modeling.planning", "plan_command"),
-}
+from medlora.core.config import ConfigError, Params, load_params
+from medlora.core.stage import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,13 +66,115 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Handlers: parse nothing, print for people, return the exit code. Each imports its library module when it runs,
+# so `medlora --help` stays fast (torch, transformers and mlflow take seconds to import).
+
+
+def snapshot_command(params: Params, args: argparse.Namespace) -> int:
+    from medlora.data.snapshot import take_snapshot
+
+    take_snapshot(params, args.source, args.path, args.revision, add=not args.no_dvc)
+    return 0
+
+
+def restore_command(params: Params, args: argparse.Namespace) -> int:
+    from medlora.data.snapshot import restore
+
+    print(f"{params.paths.data_dir}: {restore(params.snapshot, params.paths.data_dir)}")
+    return 0
+
+
+def status_command(params: Params, args: argparse.Namespace) -> int:
+    from medlora.registry.client import format_table, open_registry, status_rows
+
+    print(format_table(status_rows(open_registry(params), params)))
+    return 0
+
+
+def promote_command(params: Params, args: argparse.Namespace) -> int:
+    """Exit code 1 when the gates reject the version."""
+    from medlora.registry.promote import promote_version
+
+    if args.force and not args.reason:
+        raise ValueError("--force needs --reason TEXT: the override is recorded on the version")
+    report = promote_version(params, args.version, force_reason=args.reason if args.force else None)
+    decision = report.decision + (" by force (recorded on the versions)" if report.forced else "")
+    print(f"{decision}: {report.candidate} (champion before {report.champion_before})")
+    for reason in report.reasons:
+        print(f"  {reason}")
+    return 0 if report.decision == "promoted" else 1
+
+
+def rollback_command(params: Params, args: argparse.Namespace) -> int:
+    from medlora.registry.promote import rollback
+
+    print(f"champion restored: {rollback(params)}")
+    return 0
+
+
+def ask_command(params: Params, args: argparse.Namespace) -> int:
+    from medlora.core.contracts import LETTERS
+    from medlora.serving import answer_free_form, answer_multiple_choice, load_champion
+
+    model, tokenizer = load_champion(params, args.alias)
+    if args.options is None:
+        print(answer_free_form(model, tokenizer, args.question, args.max_new_tokens))
+        return 0
+    options = [option.strip() for option in args.options.split("|")]
+    best, scores = answer_multiple_choice(model, tokenizer, args.question, options, params.format.system_prompt)
+    print(f"{LETTERS[best]}) {options[best]}")
+    print(
+        "log-likelihoods: " + ", ".join(f"{letter} {score:.3f}" for letter, score in zip(LETTERS, scores, strict=True))
+    )
+    return 0
+
+
+def export_command(params: Params, args: argparse.Namespace) -> int:
+    from medlora.serving import export_adapter
+
+    manifest = export_adapter(params, args.alias, args.directory)
+    logging.getLogger("medlora.cli").info(
+        "exported %s v%s (@%s) to %s", manifest["registered_model"], manifest["version"], args.alias, args.directory
+    )
+    print(manifest["vllm_command"])
+    return 0
+
+
+def plan_command(params: Params, args: argparse.Namespace) -> int:
+    """Exit code 3 when `--gpu-memory` is given and the estimate does not fit."""
+    from medlora.modeling.planning import parse_memory, plan, render_plan
+
+    report = plan(params, args.preset, args.sequence_length)
+    gpu = parse_memory(args.gpu_memory) if args.gpu_memory else None
+    print(render_plan(report, gpu))
+    if gpu is None:
+        return 0
+    key = (
+        "lora_with_gradient_checkpointing"
+        if params.train.gradient_checkpointing
+        else "lora_without_gradient_checkpointing"
+    )
+    return 0 if report["memory_gib"][key]["total_gib"] <= gpu else 3
+
+
+HANDLERS: dict[str, Callable[[Params, argparse.Namespace], int]] = {
+    "snapshot": snapshot_command,
+    "restore": restore_command,
+    "promote": promote_command,
+    "rollback": rollback_command,
+    "status": status_command,
+    "ask": ask_command,
+    "export": export_command,
+    "plan": plan_command,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
-    module_name, function_name = HANDLERS[args.command]
-    handler = getattr(importlib.import_module(module_name), function_name)
     try:
-        return int(handler(args) or 0)
+        params = load_params(args.params)
+        return int(HANDLERS[args.command](params, args) or 0)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:
         print(f"medlora {args.command}: {error}", file=sys.stderr)
         return 2

@@ -14,11 +14,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from medlora.core.config import Params, load_params
+from medlora.core.config import Params
+from medlora.core.contracts import LETTERS, OPTION_COLUMNS
 from medlora.core.io import atomic_directory, read_json, write_json
-from medlora.modeling.prompts import ANSWER_PREFIX, answer_choices, prompt_messages
+from medlora.modeling.prompts import answer_choices, render_chat, scoring_context
 from medlora.registry.register import RegistryError, alias_version, open_registry
-from medlora.data.schema import LETTERS, OPTION_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +54,6 @@ def question_row(question: str, options: list[str]) -> dict[str, Any]:
     return {"question": question, **dict(zip(OPTION_COLUMNS, options, strict=True))}
 
 
-def multiple_choice_context(tokenizer: Any, row: dict[str, Any], system_prompt: str) -> str:
-    """The prompt as trained (chat template, assistant header) followed by the prefix every answer starts with."""
-    rendered = tokenizer.apply_chat_template(
-        prompt_messages(row, system_prompt), add_generation_prompt=True, tokenize=False
-    )
-    return rendered + ANSWER_PREFIX
-
-
 def continuation_ids(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context ids, continuation ids) split as lm-eval does: encode the whole, cut at the context's length."""
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
@@ -90,7 +82,7 @@ def answer_multiple_choice(
     """(index of the most likely answer, log-likelihood of each answer)."""
     row = question_row(question, options)
     scores = score_choices(
-        model, tokenizer, multiple_choice_context(tokenizer, row, system_prompt), answer_choices(row)
+        model, tokenizer, scoring_context(tokenizer, row, system_prompt), answer_choices(row)
     )
     return max(range(len(scores)), key=scores.__getitem__), scores
 
@@ -99,24 +91,9 @@ def answer_free_form(model: Any, tokenizer: Any, question: str, max_new_tokens: 
     from medlora.registry.adapter_model import generate
 
     messages = [{"role": "system", "content": FREE_FORM_SYSTEM_PROMPT}, {"role": "user", "content": question}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = render_chat(tokenizer, messages, add_generation_prompt=True)
     return generate(model, tokenizer, [prompt], max_new_tokens)[0].strip()
 
-
-def ask_command(args: Any) -> int:
-    """`medlora ask "QUESTION" [--options "A|B|C|D"]`: the champion's answer on stdout."""
-    params = load_params(args.params)
-    model, tokenizer = load_champion(params, args.alias)
-    if args.options is None:
-        print(answer_free_form(model, tokenizer, args.question, args.max_new_tokens))
-        return 0
-    options = [option.strip() for option in args.options.split("|")]
-    best, scores = answer_multiple_choice(model, tokenizer, args.question, options, params.format.system_prompt)
-    print(f"{LETTERS[best]}) {options[best]}")
-    print(
-        "log-likelihoods: " + ", ".join(f"{letter} {score:.3f}" for letter, score in zip(LETTERS, scores, strict=True))
-    )
-    return 0
 
 
 def vllm_command(base: str, revision: str | None, directory: Path, rank: int) -> str:
@@ -165,13 +142,3 @@ def export_adapter(params: Params, alias: str, directory: str | Path) -> dict[st
         }
         write_json(staging / "medlora_export.json", manifest)
     return manifest
-
-
-def export_command(args: Any) -> int:
-    """`medlora export --alias champion DIR`: write the adapter and print how to serve it with vLLM."""
-    manifest = export_adapter(load_params(args.params), args.alias, args.directory)
-    logger.info(
-        "exported %s v%s (@%s) to %s", manifest["registered_model"], manifest["version"], args.alias, args.directory
-    )
-    print(manifest["vllm_command"])
-    return 0

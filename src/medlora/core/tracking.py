@@ -84,10 +84,13 @@ def git_commit(cwd: str | Path = ".") -> str:
         return "unknown"
 
 
+def recorded_md5(dvc_file: str | Path) -> str:
+    """The md5 a .dvc file records for its output; raises OSError/KeyError/YAMLError when there is none."""
+    return str(yaml.safe_load(Path(dvc_file).read_text(encoding="utf-8"))["outs"][0]["md5"])
+
+
 def data_dvc_md5(path: str | Path = "data.dvc") -> str:
     """The md5 that `data.dvc` records for the snapshot directory, or "unknown"."""
-    from medlora.data.snapshot import recorded_md5
-
     try:
         return recorded_md5(path)
     except (OSError, KeyError, IndexError, TypeError, yaml.YAMLError):

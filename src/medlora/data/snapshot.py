@@ -13,38 +13,30 @@ reproduces the recorded md5 exactly, which `dvc status` then confirms.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-import yaml
-
-from medlora.core.config import SnapshotConfig, load_params
-from medlora.core.io import atomic_directory, write_json
-from medlora.data.schema import COLUMNS, SPLITS, UNLABELED_COP, read_jsonl_rows, split_path, write_jsonl
+from medlora.core.config import Params, SnapshotConfig
+from medlora.core.contracts import COLUMNS, SPLITS, UNLABELED_COP
+from medlora.core.hub import HubUnavailable, ensure_hub_reachable
+from medlora.core.io import atomic_directory, sha256_file, write_json, write_jsonl
+from medlora.core.tracking import recorded_md5
+from medlora.data.schema import read_jsonl_rows, split_path
 
 log = logging.getLogger(__name__)
 
 ORIGINAL_FILES = {"train": "train.json", "validation": "dev.json", "test": "test.json"}
 ORIGINAL_REQUIRED = ("id", "question", "opa", "opb", "opc", "opd")
-HUB_TIMEOUT_SECONDS = 3.0
 OFFLINE_ADVICE = (
     "To snapshot the real MedMCQA, run `medlora snapshot --source hub` on a machine that can reach the hub "
     "(then commit data.dvc and `dvc push` the data), or download the original release (train.json, dev.json, "
     "test.json) and run `medlora snapshot --source original --path DIR`; `--source synthetic` needs no network."
 )
-
-
-class HubUnavailable(RuntimeError):
-    """The Hugging Face hub cannot be reached (offline mode or no network); the message says what to do."""
 
 
 def normalize_row(row: dict[str, Any], cop: int) -> dict[str, Any]:
@@ -96,24 +88,9 @@ def read_original(directory: str | Path) -> tuple[dict[str, list[dict]], dict[st
     return splits, {"source": "original", "revision": None, "inputs": inputs}
 
 
-def ensure_hub_reachable(endpoint: str | None = None, timeout: float = HUB_TIMEOUT_SECONDS) -> None:
-    """Fail fast (seconds, not minutes of retries) when the hub is out of reach; raises HubUnavailable."""
-    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on"):
-            raise HubUnavailable(f"the Hugging Face hub is disabled ({variable}=1). {OFFLINE_ADVICE}")
-    url = urlparse(endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as error:
-        raise HubUnavailable(
-            f"cannot reach the Hugging Face hub at {host}:{port} ({error}). {OFFLINE_ADVICE}"
-        ) from None
-
-
 def read_hub(dataset: str, revision: str | None) -> tuple[dict[str, list[dict]], dict[str, Any]]:
     """Splits of `dataset` at `revision` through `datasets.load_dataset`; raises HubUnavailable offline."""
-    ensure_hub_reachable()
+    ensure_hub_reachable(OFFLINE_ADVICE, datasets=True)
     import datasets  # heavy: only this source needs it
 
     try:
@@ -147,14 +124,6 @@ def read_source(
             raise ValueError("--source original needs --path DIR (a directory with train.json, dev.json, test.json)")
         return read_original(path)
     raise ValueError(f"unknown snapshot source {source!r} (synthetic | hub | original)")
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_snapshot(splits: dict[str, list[dict]], data_dir: str | Path, provenance: dict[str, Any]) -> dict:
@@ -211,9 +180,23 @@ def workspace_matches(tracked: str | Path) -> bool:
     return not any(uncommitted.values())
 
 
-def recorded_md5(dvc_file: str | Path) -> str:
-    """The md5 a .dvc file records for its output."""
-    return str(yaml.safe_load(Path(dvc_file).read_text(encoding="utf-8"))["outs"][0]["md5"])
+def take_snapshot(
+    params: Params, source: str | None = None, path: str | None = None, revision: str | None = None, add: bool = True
+) -> dict[str, Any]:
+    """Write data/medmcqa from `source` (default snapshot.source) and, with `add`, `dvc add` its parent directory.
+
+    Returns the manifest. Raises HubUnavailable, FileNotFoundError or SnapshotParseError from the sources.
+    """
+    source = source or params.snapshot.source
+    splits, provenance = read_source(source, params.snapshot, path=path, revision=revision)
+    manifest = write_snapshot(splits, params.paths.data_dir, provenance)
+    if not add:
+        log.info("%s written, not added to DVC", params.paths.data_dir)
+        return manifest
+    tracked = tracked_dir(params.paths.data_dir)
+    run_dvc("add", str(tracked))
+    log.info("dvc add %s: %s records md5 %s", tracked, f"{tracked}.dvc", recorded_md5(f"{tracked}.dvc"))
+    return manifest
 
 
 def restore(config: SnapshotConfig, data_dir: str | Path) -> str:
@@ -263,25 +246,3 @@ def restore(config: SnapshotConfig, data_dir: str | Path) -> str:
         raise RuntimeError(f"`dvc status {dvc_file}` is not clean after regenerating {tracked}")
     log.info("regenerated %s; it matches %s", tracked, dvc_file)
     return "regenerated"
-
-
-def snapshot_command(args: argparse.Namespace) -> int:
-    """`medlora snapshot`: write data/medmcqa from the chosen source, then `dvc add` its parent directory."""
-    params = load_params(args.params)
-    source = args.source or params.snapshot.source
-    splits, provenance = read_source(source, params.snapshot, path=args.path, revision=args.revision)
-    write_snapshot(splits, params.paths.data_dir, provenance)
-    if args.no_dvc:
-        log.info("--no-dvc: %s written, not added to DVC", params.paths.data_dir)
-        return 0
-    tracked = tracked_dir(params.paths.data_dir)
-    run_dvc("add", str(tracked))
-    log.info("dvc add %s: %s records md5 %s", tracked, f"{tracked}.dvc", recorded_md5(f"{tracked}.dvc"))
-    return 0
-
-
-def restore_command(args: argparse.Namespace) -> int:
-    """`medlora restore`: bring the snapshot back to what data.dvc records (see `restore`)."""
-    params = load_params(args.params)
-    restore(params.snapshot, params.paths.data_dir)
-    return 0

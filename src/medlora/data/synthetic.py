@@ -24,8 +24,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from medlora.core.contracts import COLUMNS, LETTERS, UNLABELED_COP
 from medlora.data.facts import RELATIONS, Multi, Relation
-from medlora.data.schema import COLUMNS, LETTERS, UNLABELED_COP
 
 log = logging.getLogger(__name__)
 

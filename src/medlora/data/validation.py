@@ -39,18 +39,17 @@ from typing import Any
 import pandas as pd
 
 from medlora.core.config import Params, ValidateConfig
-from medlora.core.io import atomic_directory, write_json
-from medlora.data.schema import (
+from medlora.core.contracts import (
     CHOICE_TYPES,
     COLUMNS,
     OPTION_COLUMNS,
     SPLITS,
     UNLABELED_COP,
-    SnapshotParseError,
-    read_split,
-    split_path,
-    write_jsonl,
+    StageFailed,
+    ValidationReport,
 )
+from medlora.core.io import atomic_directory, write_jsonl
+from medlora.data.schema import SnapshotParseError, read_split, split_path
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ EXAMPLE_IDS = 5
 RAW = "raw:"  # prefix of the untouched columns the type and null rules read
 
 
-class ValidationFailed(RuntimeError):
+class ValidationFailed(StageFailed):
     """`on_error: fail` and at least one rule flagged a row; the message names rules and example ids."""
 
 
@@ -238,7 +237,7 @@ def check_splits(splits: dict[str, list[dict[str, Any]]], config: ValidateConfig
 
 def summarize(
     splits: dict[str, list[dict[str, Any]]], flagged: dict[str, dict[int, list[str]]], on_error: str
-) -> dict[str, Any]:
+) -> ValidationReport:
     """The report: success, per split rows_in/kept/quarantined, per rule count (rows) and example ids."""
     rules = {rule: {"count": 0, "ids": [], "splits": {}} for rule in RULES}
     per_split = {}
@@ -258,14 +257,14 @@ def summarize(
     totals = {
         key: sum(counts[key] for counts in per_split.values()) for key in ("rows_in", "rows_kept", "rows_quarantined")
     }
-    return {
-        "success": usable and (clean or on_error == "quarantine"),
-        "clean": clean,
-        "on_error": on_error,
+    return ValidationReport(
+        success=usable and (clean or on_error == "quarantine"),
+        clean=clean,
+        on_error=on_error,
         **totals,
-        "splits": per_split,
-        "rules": rules,
-    }
+        splits=per_split,
+        rules=rules,
+    )
 
 
 def partition(
@@ -281,21 +280,22 @@ def partition(
     return kept, quarantined
 
 
-def validate(params: Params) -> dict[str, Any]:
-    """The stage: read the snapshot, run the suite, write kept/quarantined rows and reports/validation.json.
+def run(params: Params) -> ValidationReport:
+    """The stage: read the snapshot, run the suite, write kept and quarantined rows; returns the report.
 
-    Returns the report. Raises SnapshotParseError for an unreadable file and ValidationFailed under
-    `on_error: fail` when any row is flagged (the report is written first, the row outputs are not).
+    Raises SnapshotParseError for an unreadable file, and ValidationFailed (carrying the report; the row outputs are
+    not written) under `on_error: fail` when any row is flagged or when a split keeps no rows.
     """
     config, paths = params.validate, params.paths
     splits = read_snapshot(paths.data_dir)
     flagged = check_splits(splits, config)
     report = summarize(splits, flagged, config.on_error)
-    write_json(Path(paths.reports_dir) / "validation.json", report)
-    failing = {rule: entry for rule, entry in report["rules"].items() if entry["count"]}
+    failing = {rule: entry for rule, entry in report.rules.items() if entry["count"]}
     if config.on_error == "fail" and failing:
         detail = "; ".join(f"{rule}: {e['count']} rows, e.g. {', '.join(e['ids'][:3])}" for rule, e in failing.items())
-        raise ValidationFailed(f"validation failed (on_error: fail): {detail}. See {paths.reports_dir}/validation.json")
+        raise ValidationFailed(
+            f"validation failed (on_error: fail): {detail}. See {paths.reports_dir}/{report.FILE}", report
+        )
     kept, quarantined = partition(splits, flagged)
     with atomic_directory(paths.validated_dir) as out:
         for split, rows in kept.items():
@@ -303,13 +303,8 @@ def validate(params: Params) -> dict[str, Any]:
     with atomic_directory(paths.quarantine_dir) as out:
         for split, rows in quarantined.items():
             write_jsonl(split_path(out, split), rows)
-    log.info(
-        "validation: %d rows in, %d kept, %d quarantined; success=%s",
-        report["rows_in"],
-        report["rows_kept"],
-        report["rows_quarantined"],
-        report["success"],
-    )
-    if not report["success"]:
-        raise ValidationFailed(f"a split has no rows left after quarantine: {report['splits']}")
+    for split, counts in report.splits.items():
+        log.info("%-10s in %6d  kept %6d  quarantined %5d", split, *counts.values())
+    if not report.success:
+        raise ValidationFailed(f"a split has no rows left after quarantine: {report.splits}", report)
     return report

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from medlora.core.config import EvaluateConfig, Params
-from medlora.evaluation.report import METRICS, build_report, plot_subject_accuracy, write_samples
-from medlora.core.io import read_json, write_json
-from medlora.modeling.base_model import BASE_REFERENCE_FILE, offline, read_base_reference, weights_location
+from medlora.core.contracts import EvalReport, StageFailed
+from medlora.core.hub import hub_offline
+from medlora.core.io import read_json
+from medlora.evaluation.report import METRICS, build_report, log_to_mlflow, plot_subject_accuracy, write_samples
+from medlora.modeling.base_model import BASE_REFERENCE_FILE, read_base_reference, weights_location
 from medlora.modeling.presets import get_preset
 
 logger = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ MODELS: tuple[str, ...] = ("base", "adapter", "merged")
 VLLM_LORA_RANKS: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(StageFailed):
     """The evaluation cannot run as configured; the message says what is missing and what to do."""
 
 
@@ -98,7 +100,7 @@ def preflight_tasks(task_manager: Any, tasks: list[str]) -> dict[str, int]:
         except Exception as error:  # datasets/hub/file errors all mean: this task cannot run here
             hint = ""
             if task == HUB_TASK:
-                state = "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set" if offline() else "the download failed"
+                state = "HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set" if hub_offline() else "the download failed"
                 hint = (
                     f" lm-eval's built-in {HUB_TASK} downloads openlifescienceai/medmcqa from the hub and {state};"
                     " give the machine network access (unset HF_HUB_OFFLINE), or set evaluate.source: local."
@@ -194,8 +196,9 @@ def run_harness(lm_type: str, args: dict[str, Any], tasks: list[str], task_manag
     )
 
 
-def evaluate(params: Params) -> dict[str, Any]:
-    """Run every model in `evaluate.models` through the harness; write outputs/eval, eval.json and the plot.
+def run(params: Params) -> EvalReport:
+    """Run every model in `evaluate.models` through the harness; write outputs/eval and the subject plot, log the
+    figures to the pipeline's MLflow run.
 
     Returns the report. Raises EvaluationError (before loading any model) when a task, the backend or an input
     is not available.
@@ -221,8 +224,6 @@ def evaluate(params: Params) -> dict[str, Any]:
         logger.info("model %d/%d %s evaluated in %.1f s", number, len(arguments), model, seconds)
     report = build_report(params, tasks, primary, runs, wall_seconds=time.perf_counter() - started_stage)
     write_samples(paths.eval_dir, tasks, runs)
-    reports = Path(paths.reports_dir)
-    write_json(reports / "eval.json", report)
-    plot_subject_accuracy(report, reports / "plots" / "subject_accuracy.png")
-    logger.info("gate %s", report["gate"])
+    plot = plot_subject_accuracy(report, Path(paths.reports_dir) / "plots" / "subject_accuracy.png")
+    log_to_mlflow(params, report, plot)
     return report

@@ -6,6 +6,7 @@ test and the per-subject breakdown). Nothing is re-scored.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -13,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from medlora.core.config import Params
-from medlora.core.io import atomic_directory, atomic_path, read_json, write_json
-from medlora.data.schema import write_jsonl
+from medlora.core.contracts import EvalReport, TrainReport
+from medlora.core.io import atomic_directory, atomic_path, write_json, write_jsonl
 from medlora.evaluation.significance import build_gate
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def sample_record(sample: dict[str, Any]) -> dict[str, Any]:
 
 def build_report(
     params: Params, tasks: list[str], primary: str, runs: dict[str, dict[str, Any]], wall_seconds: float
-) -> dict[str, Any]:
+) -> EvalReport:
     """eval.json from the harness's output per model: {"gate", "results", "runs", ...}."""
     results = {
         model: {
@@ -91,21 +92,21 @@ def build_report(
         model: {question_key(s): float(s[metric]) for s in run["results"]["samples"][task]}
         for model, run in runs.items()
     }
-    return {
-        "gate": build_gate(primary, values, per_question),
-        "primary_metric": primary,
-        "results": results,
-        "runs": {
+    return EvalReport(
+        gate=build_gate(primary, values, per_question),
+        primary_metric=primary,
+        results=results,
+        runs={
             model: {"model_args": run["model_args"], "wall_seconds": run["wall_seconds"]} for model, run in runs.items()
         },
-        "tasks": tasks,
-        "backend": params.evaluate.backend,
-        "source": params.evaluate.source,
-        "limit": params.evaluate.limit,
-        "batch_size": params.evaluate.batch_size,
-        "validation_file": str(Path(params.paths.validated_dir) / "validation.jsonl"),
-        "wall_seconds": round(wall_seconds, 2),
-    }
+        tasks=tasks,
+        backend=params.evaluate.backend,
+        source=params.evaluate.source,
+        limit=params.evaluate.limit,
+        batch_size=params.evaluate.batch_size,
+        validation_file=str(Path(params.paths.validated_dir) / "validation.jsonl"),
+        wall_seconds=round(wall_seconds, 2),
+    )
 
 
 def write_samples(eval_dir: str | Path, tasks: list[str], runs: dict[str, dict[str, Any]]) -> None:
@@ -120,16 +121,16 @@ def write_samples(eval_dir: str | Path, tasks: list[str], runs: dict[str, dict[s
             write_json(staging / model / "results.json", json.loads(json.dumps(harness, default=str)))  # dtypes
 
 
-def plot_subject_accuracy(report: dict[str, Any], path: str | Path) -> Path:
+def plot_subject_accuracy(report: EvalReport, path: str | Path) -> Path:
     """Grouped bars: accuracy per subject, one bar per model, one panel per multiple-choice task; a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = report["results"]
+    results = report.results
     models = list(results)
-    tasks = [task for task in report["tasks"] if any("by_subject_name" in results[m][task] for m in models)]
+    tasks = [task for task in report.tasks if any("by_subject_name" in results[m][task] for m in models)]
     figure, axes = plt.subplots(max(len(tasks), 1), 1, figsize=(12, 4.2 * max(len(tasks), 1)), squeeze=False)
     for axis, task in zip(axes[:, 0], tasks, strict=False):
         subjects = sorted({s for m in models for s in results[m][task].get("by_subject_name", {})})
@@ -165,41 +166,37 @@ def plot_subject_accuracy(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
+def flat_metrics(report: EvalReport) -> dict[str, float]:
     """MLflow metric names -> values: `eval.<model>.<task>.<metric>` and `eval.gate.<key>` (numbers only)."""
     flat = {}
-    for model, tasks in report["results"].items():
+    for model, tasks in report.results.items():
         for task, summary in tasks.items():
             for key, value in summary.items():
                 if isinstance(value, int | float) and not isinstance(value, bool):
                     flat[f"eval.{model}.{task}.{key}"] = float(value)
-        flat[f"eval.{model}.wall_seconds"] = float(report["runs"][model]["wall_seconds"])
-    for key, value in report["gate"].items():
+        flat[f"eval.{model}.wall_seconds"] = float(report.runs[model]["wall_seconds"])
+    for key, value in dataclasses.asdict(report.gate).items():
         if isinstance(value, int | float) and not isinstance(value, bool) and not math.isnan(value):
             flat[f"eval.gate.{key}"] = float(value)
-    flat["eval.wall_seconds"] = float(report["wall_seconds"])
+    flat["eval.wall_seconds"] = float(report.wall_seconds)
     return flat
 
 
-def log_to_mlflow(params: Params, report: dict[str, Any], artifacts: list[Path]) -> str:
-    """Log the metrics and artifacts to the pipeline's MLflow run (reports/train.json `mlflow_run_id`).
+def log_to_mlflow(params: Params, report: EvalReport, plot: Path) -> str:
+    """Log the metrics, eval.json and the plot to the pipeline's MLflow run (reports/train.json `mlflow_run_id`).
 
-    Returns the run id. Raises FileNotFoundError/KeyError naming train.json when the train stage left no run id.
+    Returns the run id. Raises ContractError naming train.json when the train stage left no run id.
     """
     import mlflow
 
     from medlora.core.tracking import resume_pipeline_run
 
-    train_report = Path(params.paths.reports_dir) / "train.json"
-    if not train_report.exists():
-        raise FileNotFoundError(f"{train_report} is missing: the evaluate stage logs to the train stage's MLflow run")
-    run_id = read_json(train_report).get("mlflow_run_id")
-    if not run_id:
-        raise KeyError(f"{train_report} has no mlflow_run_id: rerun the train stage")
+    reports = params.paths.reports_dir
+    run_id = TrainReport.read(reports).require_run_id(reports)
     with resume_pipeline_run(params, run_id):
         mlflow.log_metrics(flat_metrics(report))
-        mlflow.set_tag("eval.primary_metric", report["primary_metric"])
-        for artifact in artifacts:
-            mlflow.log_artifact(str(artifact), artifact_path="evaluate")
+        mlflow.set_tag("eval.primary_metric", report.primary_metric)
+        mlflow.log_dict(report.to_dict(), f"evaluate/{report.FILE}")
+        mlflow.log_artifact(str(plot), artifact_path="evaluate")
     logger.info("evaluation logged to MLflow run %s", run_id)
     return run_id

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+
+from medlora.core.contracts import EvalGate
 
 # Per-question values that are 0/1: McNemar. Anything else (log-likelihoods): Wilcoxon signed-rank.
 BINARY_METRICS: frozenset[str] = frozenset({"acc", "acc_norm", "answer_greedy"})
@@ -52,35 +53,33 @@ def paired_test(metric: str, base: Sequence[float], adapter: Sequence[float]) ->
     return "wilcoxon_signed_rank", wilcoxon_p_value(base, adapter)
 
 
-def build_gate(
-    metric: str, values: Mapping[str, float], per_question: Mapping[str, Mapping[str, float]]
-) -> dict[str, Any]:
-    """The `gate` object other stages read.
+def build_gate(metric: str, values: Mapping[str, float], per_question: Mapping[str, Mapping[str, float]]) -> EvalGate:
+    """The `gate` object of eval.json (the promotion gates read it).
 
     `metric` is "task/metric"; `values` maps model name (base, adapter, merged) to the harness's aggregate value;
     `per_question` maps model name to {question id: value}. Base and adapter are paired on the questions both
     answered. Missing models give None for what needs them.
     """
     base, adapter, merged = values.get("base"), values.get("adapter"), values.get("merged")
-    gate: dict[str, Any] = {
-        "metric": metric,
-        "base": base,
-        "adapter": adapter,
-        "merged": merged,
-        "uplift": adapter - base if adapter is not None and base is not None else None,
-        "p_value": None,
-        "test": None,
-        "n_paired": 0,
-        "merged_vs_adapter": abs(merged - adapter) if merged is not None and adapter is not None else None,
-    }
+    test, p_value, n_paired = None, None, 0
     if "base" in per_question and "adapter" in per_question:
         shared = sorted(set(per_question["base"]) & set(per_question["adapter"]))
         base_values = [per_question["base"][key] for key in shared]
         adapter_values = [per_question["adapter"][key] for key in shared]
         if shared:
-            gate["test"], gate["p_value"] = paired_test(metric.rsplit("/", 1)[-1], base_values, adapter_values)
-        gate["n_paired"] = len(shared)
-    return gate
+            test, p_value = paired_test(metric.rsplit("/", 1)[-1], base_values, adapter_values)
+        n_paired = len(shared)
+    return EvalGate(
+        metric=metric,
+        base=base,
+        adapter=adapter,
+        merged=merged,
+        uplift=adapter - base if adapter is not None and base is not None else None,
+        p_value=p_value,
+        test=test,
+        n_paired=n_paired,
+        merged_vs_adapter=abs(merged - adapter) if merged is not None and adapter is not None else None,
+    )
 
 
 def _paired(base: Sequence[float], adapter: Sequence[float]) -> list[tuple[float, float]]:

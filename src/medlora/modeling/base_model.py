@@ -10,16 +10,17 @@ Either way it writes `medlora_base.json`, the reference an adapter needs to be r
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from medlora.core.config import ModelConfig
-from medlora.core.io import atomic_directory, read_json, write_json
-from medlora.modeling.presets import TINY_VOCAB, Preset, directory_hash, get_preset, tiny_nemotron_h_config
+from medlora.core.config import ModelConfig, Params
+from medlora.core.contracts import COLUMNS, ModelReport, StageFailed
+from medlora.core.hub import hub_offline
+from medlora.core.io import atomic_directory, directory_hash, read_json, read_jsonl, write_json
+from medlora.modeling.presets import TINY_VOCAB, Preset, get_preset, tiny_nemotron_h_config
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def check_hub_reachable(name: str, revision: str | None) -> None:
     Raises BaseModelUnavailable naming the model and what to do. Skipped for local directories and offline
     mode (where `from_pretrained` answers from the local cache at once).
     """
-    if Path(name).is_dir() or offline():
+    if Path(name).is_dir() or hub_offline():
         return
     from huggingface_hub import HfApi
 
@@ -124,7 +125,7 @@ def load_hub_tokenizer(name: str, revision: str | None) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision)
     except OSError as error:
-        hint = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline() else "download failed"
+        hint = "HF_HUB_OFFLINE is set and it is not in the local cache" if hub_offline() else "download failed"
         raise BaseModelUnavailable(
             f"cannot load the tokenizer of {name}@{revision} ({hint}): {error}. This preset needs the model hub "
             "(unset HF_HUB_OFFLINE; set HF_TOKEN if the model is gated) or a local directory in model.name_or_path."
@@ -163,6 +164,30 @@ def build_base_model(config: ModelConfig, train_rows: list[dict[str, Any]], out_
         write_json(Path(staging) / BASE_REFERENCE_FILE, reference)
     logger.info("base model %s written to %s", preset.name, out_dir)
     return reference
+
+
+def run(params: Params) -> ModelReport:
+    """The `model` stage: the preset's base directory, then the chat-template parity check on its tokenizer.
+
+    Raises StageFailed (with the report) when evaluation would not score what training teaches with this tokenizer,
+    here rather than three stages later.
+    """
+    from transformers import AutoTokenizer
+
+    from medlora.modeling.formatting import FormatError, check_scoring_parity, is_labeled
+
+    train_rows = read_jsonl(Path(params.paths.validated_dir) / "train.jsonl", COLUMNS)
+    reference = build_base_model(params.model, train_rows, params.paths.base_model_dir)
+    report = ModelReport(**reference)
+    tokenizer = AutoTokenizer.from_pretrained(params.paths.base_model_dir)
+    row = next((row for row in train_rows if is_labeled(row)), None)
+    if row is None:
+        raise StageFailed("model: the train split has no labeled row to check the chat template on", report)
+    try:
+        checks = check_scoring_parity(tokenizer, row, params.format)
+    except FormatError as error:
+        raise StageFailed(f"model: preset {params.model.preset}: {error}", report) from None
+    return dataclasses.replace(report, chat_template_checks=checks)
 
 
 def read_base_reference(base_dir: str | Path) -> dict[str, Any]:
@@ -204,9 +229,3 @@ def load_base_model(base_dir: str | Path, torch_dtype: str | None = None, device
     return model, tokenizer
 
 
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-
-
-def describe(base_dir: str | Path) -> str:
-    return json.dumps(read_base_reference(base_dir))

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medlora.core.config import FormatConfig
-from medlora.core.io import atomic_directory
-from medlora.modeling.prompts import ANSWER_PREFIX, prompt_messages, training_messages
-from medlora.data.schema import LETTERS, read_jsonl_rows
+from medlora.core.config import FormatConfig, Params
+from medlora.core.contracts import COLUMNS, LETTERS, FormatReport
+from medlora.core.io import atomic_directory, read_jsonl
+from medlora.modeling.prompts import answer_choices, prompt_messages, render_chat, scoring_context, training_messages
 from medlora.modeling.tokenizer import has_generation_marks
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ def mask_by_prompt_prefix(messages: list[dict[str, str]], tokenizer: Any) -> tup
     the rest is the assistant turn, minus trailing whitespace-only tokens (the newline after end-of-turn).
     Raises FormatError when it is not a prefix: masking by position would then put the loss on the wrong tokens.
     """
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True, return_dict=True)
-    full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
+    prompt = render_chat(tokenizer, messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)
+    full = render_chat(tokenizer, messages, tokenize=True, return_dict=True)
     prompt_ids, ids = list(prompt["input_ids"]), list(full["input_ids"])
     if ids[: len(prompt_ids)] != prompt_ids:
         at = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids, strict=False)) if a != b), len(ids))
@@ -73,9 +73,7 @@ def render_examples(rows: list[dict[str, Any]], tokenizer: Any, format_config: F
     if not conversations:
         return []
     if has_generation_marks(tokenizer):
-        out = tokenizer.apply_chat_template(
-            conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-        )
+        out = render_chat(tokenizer, conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         encoded = zip(out["input_ids"], out["assistant_masks"], strict=True)
     else:
         encoded = []
@@ -99,16 +97,37 @@ def render_example(row: dict[str, Any], tokenizer: Any, format_config: FormatCon
     return render_examples([row], tokenizer, format_config)[0]
 
 
-def scoring_context(row: dict[str, Any], tokenizer: Any, system_prompt: str) -> str:
-    """The text evaluation scores choices after: the prompt through the chat template, then ANSWER_PREFIX.
+def check_scoring_parity(tokenizer: Any, row: dict[str, Any], config: FormatConfig) -> dict[str, Any]:
+    """Does evaluation score what training teaches, with this tokenizer and chat template? Checked on one labeled row.
 
-    Each choice (`prompts.answer_choices`) starts with a space, so the context ends on a word and lm-eval has no
-    trailing whitespace to move into the continuation.
+    1. the generation prompt is a token prefix of the training conversation (else the loss mask and the scored
+       context disagree on where the answer starts);
+    2. context + each of the four choices splits at the context's end (one context for all choices, as lm-eval's
+       `_encode_pair` needs), and context + the correct choice is a prefix of the training tokens.
+    Returns what held; raises FormatError naming the first problem.
     """
-    prompt = tokenizer.apply_chat_template(
-        prompt_messages(row, system_prompt), tokenize=False, add_generation_prompt=True
-    )
-    return prompt + ANSWER_PREFIX
+    example = render_example(row, tokenizer, config)
+    ids = example["input_ids"]
+    prompt = render_chat(tokenizer, prompt_messages(row, config.system_prompt), add_generation_prompt=True)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if ids[: len(prompt_ids)] != prompt_ids:
+        raise FormatError(
+            f"the chat template's generation prompt {prompt[-40:]!r} is not a token prefix of the training "
+            "conversation: evaluation and `medlora ask` would score after another context than training taught"
+        )
+    context = scoring_context(tokenizer, row, config.system_prompt)
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    for letter, choice in zip(LETTERS, answer_choices(row), strict=True):
+        whole = tokenizer(context + choice, add_special_tokens=False)["input_ids"]
+        if whole[: len(context_ids)] != context_ids:
+            raise FormatError(
+                f"context + choice {letter} ({choice!r}) merges across the context's last token: the choices would "
+                "be scored from different contexts (the answer prefix must end on a token boundary)"
+            )
+    correct = tokenizer(context + answer_choices(row)[int(row["cop"])], add_special_tokens=False)["input_ids"]
+    if ids[: len(correct)] != correct:
+        raise FormatError("context + the correct answer does not tokenize as the training example does")
+    return {"prompt_is_token_prefix": True, "choices_split_at_context": True, "correct_choice_matches_training": True}
 
 
 def fit_to_length(example: dict[str, Any], max_length: int, on_overflow: str) -> tuple[dict[str, Any] | None, str]:
@@ -203,7 +222,7 @@ def format_training_data(
     from transformers import AutoTokenizer
 
     start = time.monotonic()
-    rows = read_jsonl_rows(validated_train)
+    rows = read_jsonl(validated_train, COLUMNS)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     kept, counts = format_rows(rows, tokenizer, config)
     early = early_stop_ids([row_id for row_id, _ in kept], config.early_stopping_size)
@@ -215,27 +234,25 @@ def format_training_data(
         for row_id, line in kept:
             (early_stop if row_id in early else train).write(line + "\n")
     seconds = time.monotonic() - start
-    report = {
+    return FormatReport(
         **counts,
-        "train_rows": len(kept) - len(early),
-        "early_stop_rows": len(early),
-        "early_stop_source": str(validated_train),
-        "max_length": config.max_length,
-        "on_overflow": config.on_overflow,
-        "include_explanation": config.include_explanation,
-        "mask_source": "generation_marks" if has_generation_marks(tokenizer) else "prompt_prefix",
-        "seconds": round(seconds, 2),
-        "rows_per_second": round(len(rows) / seconds, 1) if seconds else None,
-    }
-    logger.info(
-        "format: %d rows in, %d kept (%d train, %d early stop), %d dropped, %d truncated, %d unlabeled, %.1f s",
-        report["rows_in"],
-        report["rows_kept"],
-        report["train_rows"],
-        report["early_stop_rows"],
-        report["rows_dropped"],
-        report["rows_truncated"],
-        report["unlabeled_skipped"],
-        seconds,
+        train_rows=len(kept) - len(early),
+        early_stop_rows=len(early),
+        early_stop_source=str(validated_train),
+        max_length=config.max_length,
+        on_overflow=config.on_overflow,
+        include_explanation=config.include_explanation,
+        mask_source="generation_marks" if has_generation_marks(tokenizer) else "prompt_prefix",
+        seconds=round(seconds, 2),
+        rows_per_second=round(len(rows) / seconds, 1) if seconds else None,
     )
-    return report
+
+
+def run(params: Params) -> FormatReport:
+    """The `format` stage: validated train rows -> `train.jsonl` + `early_stop.jsonl` in `paths.formatted_dir`."""
+    return format_training_data(
+        Path(params.paths.validated_dir) / "train.jsonl",
+        params.paths.base_model_dir,
+        params.paths.formatted_dir,
+        params.format,
+    )

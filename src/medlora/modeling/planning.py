@@ -24,7 +24,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from medlora.core.config import LoraParams, Params, TrainConfig, load_params
+from medlora.core.config import LoraParams, Params, TrainConfig
 from medlora.modeling.presets import get_preset
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def count_parameters(config: Any, lora: LoraParams) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from medlora.training.coverage import trainable_params_by_block
+    from medlora.modeling.blocks import trainable_params_by_block
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -201,19 +201,3 @@ def render_plan(report: dict[str, Any], gpu_memory_gib: float | None = None) -> 
             verdict = "  fits" if estimate["total_gib"] <= gpu_memory_gib else "  DOES NOT FIT"
         lines.append(f"  {name:<36}{estimate['total_gib']:10.1f}{verdict}")
     return "\n".join(lines)
-
-
-def plan_command(args: Any) -> int:
-    """`medlora plan [--preset NAME] [--gpu-memory 80GiB] [--sequence-length N]`."""
-    params = load_params(args.params)
-    report = plan(params, args.preset, args.sequence_length)
-    gpu = parse_memory(args.gpu_memory) if args.gpu_memory else None
-    print(render_plan(report, gpu))
-    if gpu is not None:
-        key = (
-            "lora_with_gradient_checkpointing"
-            if params.train.gradient_checkpointing
-            else "lora_without_gradient_checkpointing"
-        )
-        return 0 if report["memory_gib"][key]["total_gib"] <= gpu else 3
-    return 0

@@ -6,7 +6,6 @@ tiny default runs through exactly the code path that loads the real 30B model.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -152,14 +151,3 @@ def published_config(name: str) -> Any:
         raise ValueError(f"model.preset {name!r} ships no architecture config")
     raw = json.loads((ASSETS_DIR / preset.architecture_config).read_text(encoding="utf-8"))
     return AutoConfig.for_model(raw.pop("model_type"), **raw)
-
-
-def directory_hash(path: str | Path, exclude: frozenset[str] = frozenset()) -> str:
-    """sha256 over the names and bytes of a directory's files (but those named in `exclude`): identifies a local
-    base model, adapter or merged model exactly."""
-    digest = hashlib.sha256()
-    root = Path(path)
-    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.name not in exclude):
-        digest.update(str(file.relative_to(root)).encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()

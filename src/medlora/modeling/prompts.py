@@ -15,10 +15,31 @@ from __future__ import annotations
 
 from typing import Any
 
-from medlora.data.schema import LETTERS, OPTION_COLUMNS
+from medlora.core.contracts import LETTERS, OPTION_COLUMNS
 
 ANSWER_PREFIX = "The correct answer is"
 DEFAULT_SYSTEM_PROMPT = "You are a medical expert. Answer the multiple choice question."
+
+
+def render_chat(tokenizer: Any, messages: Any, add_generation_prompt: bool = False, **kwargs: Any) -> Any:
+    """`tokenizer.apply_chat_template` with thinking switched off: the one way a chat prompt is rendered here.
+
+    Nemotron-3's template opens a `<think>` block in the generation prompt unless `enable_thinking` is false, while
+    a trained conversation's assistant turn starts with an empty `<think></think>`: with thinking on, the prompt is
+    not a token prefix of the conversation and evaluation would score after a different context than training
+    taught. Templates without the switch ignore the variable. `kwargs` go to `apply_chat_template` (tokenize, ...).
+    """
+    kwargs.setdefault("tokenize", False)
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, enable_thinking=False, **kwargs
+    )
+
+
+def scoring_context(tokenizer: Any, row: dict[str, Any], system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """The text evaluation and `medlora ask` score answers after: the prompt through the chat template (generation
+    prompt included), then ANSWER_PREFIX. Each choice (`answer_choices`) starts with a space, so the context ends on
+    a word and lm-eval has no trailing whitespace to move into the continuation."""
+    return render_chat(tokenizer, prompt_messages(row, system_prompt), add_generation_prompt=True) + ANSWER_PREFIX
 
 
 def render_user(question: str, options: list[str]) -> str:

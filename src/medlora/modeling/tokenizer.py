@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from medlora.data.schema import LETTERS
+from medlora.core.contracts import LETTERS
 
 IM_START, IM_END, PAD, BOS = "<|im_start|>", "<|im_end|>", "<|pad|>", "<|begin_of_text|>"
 ROLES: tuple[str, ...] = ("system", "user", "assistant")

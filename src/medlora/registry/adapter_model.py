@@ -17,9 +17,9 @@ from typing import Any
 
 import mlflow.pyfunc
 
-from medlora.core.io import read_json
-from medlora.modeling.base_model import BASE_REFERENCE_FILE, BaseModelUnavailable, offline, torch_dtype_of
-from medlora.modeling.presets import directory_hash
+from medlora.core.hub import hub_offline
+from medlora.core.io import directory_hash, read_json
+from medlora.modeling.base_model import BASE_REFERENCE_FILE, BaseModelUnavailable, torch_dtype_of
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def load_adapter(adapter_dir: str | Path, shipped_base: str | Path | None = None
     try:
         base = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=dtype)
     except OSError as error:
-        hint = " (HF_HUB_OFFLINE is set: hub models cannot be downloaded)" if offline() else ""
+        hint = " (HF_HUB_OFFLINE is set: hub models cannot be downloaded)" if hub_offline() else ""
         raise BaseModelUnavailable(
             f"cannot load the base model this adapter needs, {describe_base(reference)}{hint}: {error}"
         ) from error

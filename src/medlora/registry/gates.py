@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medlora.core.config import PromoteConfig
-
-# Version tags the registry writes (see registry.version_tags) and the champion is read back from.
-GATE_KEYS: tuple[str, ...] = ("metric", "base", "adapter", "merged", "uplift", "p_value", "merged_vs_adapter")
+from medlora.core.contracts import ContractError, EvalGate
 
 
 @dataclass(frozen=True)
@@ -28,7 +26,7 @@ class Candidate:
     value: float  # the adapter's value of the primary metric
     merged: float | None = None  # the merged model's value; None when it was not evaluated
     p_value: float | None = None  # significance of the uplift over the base model
-    validation_passed: bool | None = None  # reports/validation.json `success`
+    validation_success: bool | None = None  # reports/validation.json `success`
     coverage_passed: bool | None = None  # the LoRA coverage gate from reports/train.json
     version: str | None = None  # registered adapter version, when there is one
 
@@ -153,56 +151,47 @@ def should_promote(candidate: Candidate, base: float, champion: Champion | None,
         check_p_value(candidate, gates),
         *check_champion(candidate, champion, gates),
         check_merged(candidate, gates),
-        check_verdict("validation", candidate.validation_passed, gates.require_validation, "data validation"),
+        check_verdict("validation", candidate.validation_success, gates.require_validation, "data validation"),
         check_verdict("coverage", candidate.coverage_passed, gates.require_coverage, "LoRA coverage gate"),
     ]
     return Verdict(promote=all(reason.startswith("PASS") for reason in reasons), reasons=reasons)
 
 
-def _number(value: Any) -> float | None:
-    if value is None or value == "" or value == "None":
-        return None
-    return float(value)
-
-
 def _flag(value: Any) -> bool | None:
+    """A verdict from a report (a bool) or a version tag ("True"/"False"/"None")."""
     if isinstance(value, bool) or value is None:
         return value
     return {"true": True, "false": False}.get(str(value).lower())
 
 
 def candidate_from_gate(
-    gate: dict[str, Any], validation_passed: bool | None, coverage_passed: bool | None, version: str | None = None
+    gate: EvalGate, validation_success: Any, coverage_passed: Any, version: str | None = None
 ) -> tuple[Candidate, float]:
-    """(Candidate, base value) from an eval.json `gate` object (or the version tags that copy it)."""
-    for key in ("metric", "base", "adapter"):
-        if gate.get(key) is None:
-            raise ValueError(f"evaluation gate has no {key!r} (got keys: {sorted(gate)})")
+    """(Candidate, base value) from the evaluation's gate (eval.json, or the version tags that copy it).
+
+    Raises ValueError when the gate lacks the base or adapter value (the evaluation did not run them).
+    """
+    for key in ("base", "adapter"):
+        if getattr(gate, key) is None:
+            raise ValueError(f"evaluation gate on {gate.metric} has no {key!r} value: evaluate.models must include it")
     candidate = Candidate(
-        metric=str(gate["metric"]),
-        value=float(gate["adapter"]),
-        merged=_number(gate.get("merged")),
-        p_value=_number(gate.get("p_value")),
-        validation_passed=_flag(validation_passed),
+        metric=gate.metric,
+        value=float(gate.adapter),
+        merged=gate.merged,
+        p_value=gate.p_value,
+        validation_success=_flag(validation_success),
         coverage_passed=_flag(coverage_passed),
         version=version,
     )
-    return candidate, float(gate["base"])
-
-
-def gate_tags(gate: dict[str, Any]) -> dict[str, str]:
-    """eval.json's `gate` as registry tags `gate.<key>` (tags are strings)."""
-    return {f"gate.{key}": str(gate.get(key)) for key in GATE_KEYS}
-
-
-def gate_from_tags(tags: dict[str, str]) -> dict[str, Any]:
-    """Inverse of `gate_tags`."""
-    return {key: tags.get(f"gate.{key}") for key in GATE_KEYS}
+    return candidate, float(gate.base)
 
 
 def champion_from_tags(version: str, tags: dict[str, str]) -> Champion:
     """The champion's metric and value, from the tags its version was registered with."""
-    gate = gate_from_tags(tags)
-    if gate["metric"] is None or _number(gate["adapter"]) is None:
-        raise ValueError(f"champion v{version} has no gate.metric/gate.adapter tags: it cannot be compared against")
-    return Champion(version=str(version), metric=str(gate["metric"]), value=float(gate["adapter"]))
+    try:
+        gate = EvalGate.from_tags(tags)
+    except ContractError as error:
+        raise ValueError(f"champion v{version}: {error}; it cannot be compared against") from None
+    if gate.adapter is None:
+        raise ValueError(f"champion v{version} has no gate.adapter tag: it cannot be compared against")
+    return Champion(version=str(version), metric=gate.metric, value=gate.adapter)

@@ -18,16 +18,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from medlora.core.config import Params
-from medlora.registry.gates import Verdict, candidate_from_gate, gate_from_tags, should_promote
-from medlora.registry.register import (
+from medlora.core.contracts import EvalGate, EvalReport, PromotionReport, Registration, TrainReport, ValidationReport
+from medlora.registry.client import (
     CHALLENGER,
     CHAMPION,
     RegistryError,
     alias_version,
     current_champion,
     open_registry,
-    read_reports,
+    set_alias,
 )
+from medlora.registry.gates import Verdict, candidate_from_gate, should_promote
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +36,6 @@ HISTORY_TAG = "champion_history"
 PREVIOUS_TAG = "previous_champion"
 
 Step = tuple[str, Callable[[], None], Callable[[], None]]  # (what it does, do, undo)
-
-
-def set_alias(client: Any, name: str, alias: str, version: str | None) -> None:
-    """Point `alias` of `name` at `version` (None deletes it). The one place aliases are written."""
-    if version is None:
-        client.delete_registered_model_alias(name, alias)
-    else:
-        client.set_registered_model_alias(name, alias, version)
 
 
 def read_history(client: Any, name: str) -> list[str]:
@@ -133,10 +126,10 @@ def merged_twin(client: Any, params: Params, adapter_version: str) -> str | None
 def promote_version(
     params: Params,
     adapter_version: str,
-    gate: dict[str, Any] | None = None,
+    gate: EvalGate | None = None,
     verdicts: tuple[bool | None, bool | None] | None = None,
     force_reason: str | None = None,
-) -> dict[str, Any]:
+) -> PromotionReport:
     """Run the gates on adapter version `adapter_version` (and its merged twin); move `champion` if they pass.
 
     `gate` and `verdicts` (validation, coverage) default to the version's own tags. `force_reason` promotes despite
@@ -154,7 +147,7 @@ def promote_version(
     except Exception as error:
         raise RegistryError(f"cannot read version {adapter_version} of {names.adapter_name}: {error}") from error
     validation, coverage = verdicts or (tags.get("validation_success"), tags.get("coverage_passed"))
-    candidate, base = candidate_from_gate(gate or gate_from_tags(tags), validation, coverage, str(adapter_version))
+    candidate, base = candidate_from_gate(gate or EvalGate.from_tags(tags), validation, coverage, str(adapter_version))
     verdict = should_promote(candidate, base, champion, params.promote)
     if merged_version is None:
         reason = f"FAIL merged_registered: adapter v{adapter_version} has no merged version (register.register_merged)"
@@ -176,14 +169,14 @@ def promote_version(
         ) from error
     decision = "promoted" if promote else "rejected"
     logger.info("adapter v%s %s: %s", adapter_version, decision, "; ".join(verdict.failed) or "every gate passed")
-    return {
-        "candidate": {names.adapter_name: str(adapter_version), names.merged_name: merged_version},
-        "decision": decision,
-        "forced": bool(promote and not verdict.promote),
-        "reasons": verdict.reasons,
-        "champion_before": before,
-        "champion_after": after,
-    }
+    return PromotionReport(
+        candidate={names.adapter_name: str(adapter_version), names.merged_name: merged_version},
+        decision=decision,
+        forced=bool(promote and not verdict.promote),
+        reasons=verdict.reasons,
+        champion_before=before,
+        champion_after=after,
+    )
 
 
 def set_version_tags(client: Any, name: str, version: str, tags: dict[str, str | None]) -> None:
@@ -237,38 +230,14 @@ def rollback(params: Params) -> dict[str, str | None]:
     return targets
 
 
-def promote_stage(params: Params) -> dict[str, Any]:
-    """The `promote` stage: gates from this run's reports on the versions in reports/registration.json."""
-    from pathlib import Path
-
-    from medlora.core.io import read_json
-
-    registration = read_json(Path(params.paths.reports_dir) / "registration.json")
-    reports = read_reports(params)
+def run(params: Params) -> PromotionReport:
+    """The `promote` stage: the gates, from this run's reports, on the versions in reports/registration.json."""
+    reports = params.paths.reports_dir
+    registration = Registration.read(reports)
+    train, validation = TrainReport.read(reports), ValidationReport.read(reports)
     return promote_version(
         params,
-        registration["adapter"]["version"],
-        gate=reports["gate"],
-        verdicts=(reports["validation_passed"], reports["coverage_passed"]),
+        registration.adapter.version,
+        gate=EvalReport.read(reports).gate,
+        verdicts=(validation.success, train.coverage_passed),
     )
-
-
-def promote_command(args: Any) -> int:
-    """`medlora promote VERSION [--force --reason TEXT]`; exit code 1 when the gates reject it."""
-    from medlora.core.config import load_params
-
-    if args.force and not args.reason:
-        raise ValueError("--force needs --reason TEXT: the override is recorded on the version")
-    report = promote_version(load_params(args.params), args.version, force_reason=args.reason if args.force else None)
-    decision = report["decision"] + (" by force (recorded on the versions)" if report["forced"] else "")
-    print(f"{decision}: {report['candidate']} (champion before {report['champion_before']})")
-    for reason in report["reasons"]:
-        print(f"  {reason}")
-    return 0 if report["decision"] == "promoted" else 1
-
-
-def rollback_command(args: Any) -> int:
-    from medlora.core.config import load_params
-
-    print(f"champion restored: {rollback(load_params(args.params))}")
-    return 0

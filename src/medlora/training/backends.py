@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from medlora.core.config import LoraParams, TrainConfig
+from medlora.core.io import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -160,13 +160,10 @@ def load_formatted(path: str | Path) -> Any:
     from datasets import Dataset
 
     rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        ids, mask = row.get("input_ids"), row.get("completion_mask")
+    for number, row in enumerate(read_jsonl(path, ("input_ids", "completion_mask"), allow_empty=True), start=1):
+        ids, mask = row["input_ids"], row["completion_mask"]
         if not ids or mask is None or len(ids) != len(mask) or not any(mask):
-            raise ValueError(f"{path}:{number}: needs input_ids and a completion_mask of the same length with a 1")
+            raise ValueError(f"{path}: row {number}: needs input_ids and a completion_mask of the same length with a 1")
         rows.append({"input_ids": ids, "completion_mask": mask})
     if not rows:
         raise ValueError(f"{path}: no rows (run the format stage)")

@@ -6,35 +6,27 @@ experts are 3-D parameters that only `target_parameters` reaches. So before trai
 parameters per block type and fail when a type the params require gets none; after the first optimizer step we
 check that every targeted type's adapter weights received a nonzero gradient.
 
-Block types: `mamba` (Mamba-2 mixers: in_proj), `attention` (q/k/v/o), `moe_shared_expert` (shared_experts.*),
-`moe_routed_experts` (mixer.experts.* through target_parameters), `mlp` (dense MLP layers), `other`. A parameter
-is classified by its module path and the block type its layer has in `model.config.layers_block_type`.
+Block types and how a parameter is classified: modeling/blocks.py.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from transformers import TrainerCallback
 
+from medlora.core.contracts import Report, StageFailed
+from medlora.modeling.blocks import (
+    BLOCK_TYPES,
+    block_type_of,
+    layer_block_types,
+)
+
 logger = logging.getLogger(__name__)
-
-BLOCK_TYPES: tuple[str, ...] = ("mamba", "attention", "moe_shared_expert", "moe_routed_experts", "mlp", "other")
-
-# layers_block_type values (new names and the older pattern letters' names) -> our block types.
-LAYER_KINDS: dict[str, str] = {
-    "linear_attention": "mamba",
-    "mamba": "mamba",
-    "full_attention": "attention",
-    "attention": "attention",
-    "moe": "moe",
-    "mlp": "mlp",
-}
 
 # What to add to the params when a block type gets nothing (NemotronH names; see FINDINGS).
 HINTS: dict[str, str] = {
@@ -47,50 +39,9 @@ HINTS: dict[str, str] = {
     "other": "",
 }
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
-
-class CoverageError(RuntimeError):
+class CoverageError(StageFailed):
     """A block type the params require gets no trainable parameters, or got no gradient."""
-
-
-def layer_block_types(config: Any) -> list[str]:
-    """Our block type for every layer index, from `config.layers_block_type` (empty when the model has none)."""
-    kinds = getattr(config, "layers_block_type", None) or []
-    return [LAYER_KINDS.get(str(kind), "other") for kind in kinds]
-
-
-def block_type_of(name: str, layer_types: Sequence[str]) -> str:
-    """The block type a parameter belongs to, from its dotted name and its layer's block type."""
-    if "shared_experts." in name:
-        return "moe_shared_expert"
-    if ".experts." in name:
-        return "moe_routed_experts"
-    match = _LAYER_INDEX.search(name)
-    if match is None or int(match.group(1)) >= len(layer_types):
-        return "other"
-    kind = layer_types[int(match.group(1))]
-    # A moe layer's router (gate) is neither expert; anything else under it counts as other.
-    return kind if kind in ("mamba", "attention", "mlp") else "other"
-
-
-def count_by_block(named_parameters: Iterable[tuple[str, Any]], layer_types: Sequence[str]) -> dict[str, int]:
-    """Number of elements per block type (every type listed, zeros included) over `named_parameters`."""
-    counts = dict.fromkeys(BLOCK_TYPES, 0)
-    for name, parameter in named_parameters:
-        counts[block_type_of(name, layer_types)] += parameter.numel()
-    return counts
-
-
-def trainable_params_by_block(model: Any) -> dict[str, int]:
-    """Trainable parameters per block type of a (PEFT-wrapped) model."""
-    layer_types = layer_block_types(model.config)
-    return count_by_block(((n, p) for n, p in model.named_parameters() if p.requires_grad), layer_types)
-
-
-def params_by_block(model: Any) -> dict[str, int]:
-    """All parameters per block type: which block types the model has at all."""
-    return count_by_block(model.named_parameters(), layer_block_types(model.config))
 
 
 @dataclass(frozen=True)
@@ -131,10 +82,10 @@ def check_coverage(
     return CoverageVerdict(not problems, tuple(required_blocks), missing, absent, message)
 
 
-def require_coverage(verdict: CoverageVerdict) -> None:
-    """Raise CoverageError with the verdict's message when it failed."""
+def require_coverage(verdict: CoverageVerdict, report: Report | None = None) -> None:
+    """Raise CoverageError with the verdict's message (and the stage report, still written) when it failed."""
     if not verdict.passed:
-        raise CoverageError(f"LoRA coverage gate failed: {verdict.message}")
+        raise CoverageError(f"LoRA coverage gate failed: {verdict.message}", report)
 
 
 @dataclass(frozen=True)

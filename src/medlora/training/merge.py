@@ -8,35 +8,30 @@ silently loses weights. On failure nothing is left in `paths.merged_dir` (io.ato
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
 from medlora.core.config import Params
-from medlora.core.io import atomic_directory, read_json, write_json
+from medlora.core.contracts import MergeReport, StageFailed, TrainReport
+from medlora.core.io import atomic_directory, directory_hash, read_jsonl, write_json
 from medlora.modeling.base_model import BASE_REFERENCE_FILE, load_base_model, read_base_reference
-from medlora.modeling.presets import directory_hash
 
 logger = logging.getLogger(__name__)
 
 PARITY_ROWS = 8
 
 
-class MergeParityError(RuntimeError):
+class MergeParityError(StageFailed):
     """The merged model's logits differ from the adapter model's by more than merge.parity_max_abs_diff."""
-
-    def __init__(self, message: str, report: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 def parity_batch(formatted_file: str | Path, pad_token_id: int, rows: int = PARITY_ROWS) -> dict[str, Any]:
     """The first `rows` formatted examples as a right-padded batch (input_ids, attention_mask)."""
     import torch
 
-    lines = [line for line in Path(formatted_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-    sequences = [json.loads(line)["input_ids"] for line in lines[:rows]]
+    sequences = [row["input_ids"] for row in read_jsonl(formatted_file, ("input_ids",), allow_empty=True)[:rows]]
     if not sequences:
         raise ValueError(f"{formatted_file}: no rows to compare adapter and merged logits on")
     width = max(len(ids) for ids in sequences)
@@ -66,7 +61,7 @@ def max_abs_diff(a: Any, b: Any, attention_mask: Any) -> float:
 
 def merge_adapter(
     base_dir: str | Path, adapter_dir: str | Path, merged_dir: str | Path, parity_file: str | Path, threshold: float
-) -> dict[str, Any]:
+) -> MergeReport:
     """Merge `adapter_dir` into the base, write `merged_dir`, return the parity report.
 
     Raises MergeParityError (after logging the numbers) when the reloaded merged model's logits differ from the
@@ -100,35 +95,36 @@ def merge_adapter(
         del merged
         reloaded, _ = load_base_model(staging, torch_dtype=dtype)
         diff = max_abs_diff(adapter_logits, batch_logits(reloaded.eval(), batch), batch["attention_mask"])
-        report = {
-            "max_abs_logit_diff": diff,
-            "in_memory_max_abs_logit_diff": in_memory,
-            "parity_max_abs_diff": threshold,
-            "parity_rows": int(batch["input_ids"].shape[0]),
-            "parity_tokens": int(batch["attention_mask"].sum()),
-            "success": diff <= threshold,
-        }
+        report = MergeReport(
+            max_abs_logit_diff=diff,
+            in_memory_max_abs_logit_diff=in_memory,
+            parity_max_abs_diff=threshold,
+            parity_rows=int(batch["input_ids"].shape[0]),
+            parity_tokens=int(batch["attention_mask"].sum()),
+            success=diff <= threshold,
+        )
         logger.info("merge parity: max |adapter - merged| logit = %.3g (threshold %.3g)", diff, threshold)
-        if not report["success"]:
+        if not report.success:
             raise MergeParityError(
                 f"merged model's logits differ from the adapter model's by {diff:.3g} > merge.parity_max_abs_diff "
-                f"{threshold:.3g} on {report['parity_rows']} rows of {parity_file}; not writing {merged_dir}",
+                f"{threshold:.3g} on {report.parity_rows} rows of {parity_file}; not writing {merged_dir}",
                 report,
             )
     logger.info("merged model written to %s", merged_dir)
     return report
 
 
-def merge(params: Params) -> dict[str, Any]:
-    """The merge stage: merge, write reports/merge.json, log it to the pipeline's MLflow run (from train.json)."""
+def run(params: Params) -> MergeReport:
+    """The merge stage: merge, log the parity figures to the pipeline's MLflow run (from train.json), return them.
+
+    Raises MergeParityError (with the report, which the stage script still writes) when parity fails.
+    """
     import mlflow
 
     from medlora.core import tracking
 
-    reports = Path(params.paths.reports_dir)
-    run_id = read_json(reports / "train.json").get("mlflow_run_id")
-    if not run_id:
-        raise ValueError(f"{reports / 'train.json'} has no mlflow_run_id: run the train stage first")
+    reports = params.paths.reports_dir
+    run_id = TrainReport.read(reports).require_run_id(reports)
     try:
         report = merge_adapter(
             params.paths.base_model_dir,
@@ -138,11 +134,11 @@ def merge(params: Params) -> dict[str, Any]:
             params.merge.parity_max_abs_diff,
         )
     except MergeParityError as error:
-        report = {**error.report, "error": str(error)}
-    write_json(reports / "merge.json", report)
+        report = dataclasses.replace(error.report, error=str(error))
     with tracking.resume_pipeline_run(params, run_id):
-        mlflow.log_metrics({k: float(report[k]) for k in ("max_abs_logit_diff", "in_memory_max_abs_logit_diff")})
-        mlflow.log_dict(report, "merge/merge.json")
-    if not report["success"]:
-        raise MergeParityError(report["error"], report)
+        mlflow.log_metrics({"max_abs_logit_diff": report.max_abs_logit_diff})
+        mlflow.log_metrics({"in_memory_max_abs_logit_diff": report.in_memory_max_abs_logit_diff})
+        mlflow.log_dict(report.to_dict(), f"merge/{report.FILE}")
+    if not report.success:
+        raise MergeParityError(report.error, report)
     return report

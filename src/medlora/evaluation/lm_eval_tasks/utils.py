@@ -13,9 +13,9 @@ from typing import Any
 # The built-in task's own prompt function: medmcqa_local's prompt is lm-eval's, by construction.
 from lm_eval.tasks.medmcqa.utils_medmcqa import doc_to_text
 
-from medlora.modeling.formatting import scoring_context
-from medlora.modeling.prompts import ANSWER_PREFIX, answer_choices, render_answer
-from medlora.data.schema import read_jsonl_rows
+from medlora.core.contracts import COLUMNS
+from medlora.core.io import read_jsonl
+from medlora.modeling.prompts import ANSWER_PREFIX, answer_choices, render_answer, scoring_context
 
 __all__ = [
     "chat_answer",
@@ -33,7 +33,7 @@ def validation_split(validation_file: str, **_: Any) -> Any:
     """`custom_dataset` for medmcqa_local: {"validation": the split's rows}, read strictly (file:line errors)."""
     import datasets
 
-    return datasets.DatasetDict({"validation": datasets.Dataset.from_list(read_jsonl_rows(validation_file))})
+    return datasets.DatasetDict({"validation": datasets.Dataset.from_list(read_jsonl(validation_file, COLUMNS))})
 
 
 def chat_validation_split(validation_file: str, tokenizer: str, system_prompt: str, **_: Any) -> Any:
@@ -47,9 +47,9 @@ def chat_validation_split(validation_file: str, tokenizer: str, system_prompt: s
 
     chat_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     rows = []
-    for row in read_jsonl_rows(validation_file):
+    for row in read_jsonl(validation_file, COLUMNS):
         # The same context the format stage's parity test holds against the training tokens.
-        context = scoring_context(row, chat_tokenizer, system_prompt)
+        context = scoring_context(chat_tokenizer, row, system_prompt)
         rows.append(
             {
                 **row,
