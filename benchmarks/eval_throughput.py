@@ -1,10 +1,15 @@
 """Evaluation throughput: the evaluate stage's lm-eval run on 4,183 questions (MedMCQA's validation split size).
 
-    .venv/bin/python benchmarks/eval_throughput.py [--batch-sizes 1 4 8 16 32 64] [--sweep-questions 96]
-        [--rounds 2] [--model adapter] [--source synthetic|shared] [--threads 1] [--keep DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/eval_throughput.py [--questions 4183] [--sweep-questions 96]
+        [--batch-sizes 1 4 8 16 32 64] [--rounds 2] [--model adapter] [--source synthetic|shared] [--threads 1]
+        [--keep DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/eval_throughput.py --smoke --keep /tmp/bench   # 8 questions
+
+`--smoke` is a tiny run for tests: 8 questions, a 4-question sweep of batch sizes 1 and 4, one round (each of
+those can still be given).
 
 Builds in a temp dir what the stage reads, with the tiny preset: a synthetic snapshot (`medlora.data.synthetic`, the
-validation split scaled up to 4,183 rows; `--source shared` takes the real dev split from
+validation split scaled up to 4,183 rows or `--questions`; `--source shared` takes the real dev split from
 ../shared/medmcqa/dev.jsonl instead), a tiny NemotronH base (`build_base_model`, tokenizer trained on the train
 split) and a random-init LoRA adapter with params.yaml's `lora` rank and targets. Every timed call goes through
 `medlora.evaluation.harness` (`build_task_manager`, `model_arguments`, `run_harness` = `lm_eval.simple_evaluate`), so
@@ -15,7 +20,8 @@ the scoring is the stage's own.
    FINDINGS), best of rounds counts. The metrics must agree across batch sizes (batching changes speed only).
 2. Full run: the best batch size, each task on all 4,183 questions in its own call (per-task timing).
 
-Progress goes to stderr; the last line on stdout is one JSON object with `questions`, `seconds` (sum of the
+Progress (a line per harness call with its questions/s, lm-eval's request bars) goes to stderr; stdout gets the
+sweep and per-task tables, then its last line is one JSON object with `questions`, `seconds` (sum of the
 per-task calls, one model), `questions_per_s`, `batch_size`, per-task figures and the sweep's per-batch-size
 figures. Model load, task load (the chat tasks render every row with the chat template) and lm-eval's own set-up
 are inside each call's seconds, as they are in the stage; the stage repeats all of it for each of its models.
@@ -39,12 +45,14 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DEV = PROJECT_ROOT.parent / "shared" / "medmcqa" / "dev.jsonl"
 QUESTIONS = 4_183  # MedMCQA's validation (dev) split
+SMOKE = {"questions": 8, "sweep_questions": 4, "batch_sizes": [1, 4], "rounds": 1}
+FULL = {"questions": QUESTIONS, "sweep_questions": 96, "batch_sizes": [1, 4, 8, 16, 32, 64], "rounds": 2}
 METRIC_TOLERANCE = 1e-4  # loglik sums differ by ~1e-7 between batch sizes (float summation order)
 
 log = logging.getLogger("benchmark")
 
 
-def build_inputs(work: Path, params: Any, source: str, model: str) -> dict[str, Any]:
+def build_inputs(work: Path, params: Any, source: str, model: str, questions: int) -> dict[str, Any]:
     """outputs/{validated/validation.jsonl, base_model, adapter[, merged]} under `work`; returns set-up facts."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -56,8 +64,8 @@ def build_inputs(work: Path, params: Any, source: str, model: str) -> dict[str, 
 
     started = time.perf_counter()
     snap = params.snapshot
-    splits = generate_splits(snap.seed, snap.train_size, QUESTIONS, 0)
-    validation = read_jsonl_rows(SHARED_DEV) if source == "shared" else splits["validation"]
+    splits = generate_splits(snap.seed, snap.train_size, questions, 0)
+    validation = read_jsonl_rows(SHARED_DEV)[:questions] if source == "shared" else splits["validation"]
     outputs = work / "outputs"
     write_jsonl(outputs / "validated" / "validation.jsonl", validation)
     build_base_model(params.model, splits["train"], outputs / "base_model")
@@ -83,7 +91,7 @@ def build_inputs(work: Path, params: Any, source: str, model: str) -> dict[str, 
 
 
 def write_slice(work: Path, questions: int) -> Path:
-    """The first `questions` validation rows in their own file, so sweep calls do not load all 4,183 rows."""
+    """The first `questions` validation rows in their own file, so sweep calls do not load all the rows."""
     from medlora.core.io import write_jsonl
     from medlora.data.schema import read_jsonl_rows
 
@@ -164,17 +172,43 @@ def sweep(params: Any, model: str, tasks: list[str], validation: Path, sizes: li
     return {"questions": questions, "rounds": rounds, "by_batch_size": table, "metrics_agree": metrics_agree(runs)}
 
 
+def print_tables(summary: dict[str, Any]) -> None:
+    swept = summary["sweep"]
+    print(f"sweep: {swept['questions']} questions x all tasks per call, best of {swept['rounds']} round(s)")
+    print(f"{'batch':>6}{'questions/s':>13}  seconds per round")
+    for size, figures in swept["by_batch_size"].items():
+        print(f"{size:>6}{figures['questions_per_s']:>13.1f}  {figures['seconds']}")
+    print(f"metrics agree across batch sizes: {swept['metrics_agree']}")
+    print(f"full run, batch size {summary['batch_size']}, model {summary['model']}, {summary['source']} rows:")
+    print(f"{'task':<22}{'questions':>10}{'requests':>10}{'seconds':>9}{'questions/s':>13}")
+    for task, figures in summary["tasks"].items():
+        print(
+            f"{task:<22}{figures['questions']:>10}{figures['requests']:>10}{figures['seconds']:>9.1f}"
+            f"{figures['questions_per_s']:>13.1f}"
+        )
+    print(
+        f"{summary['questions']} questions x {len(summary['tasks'])} tasks in {summary['seconds']:.1f} s "
+        f"({summary['questions_per_s']:.1f} questions/s); batch size {summary['batch_size']} vs params.yaml's "
+        f"{summary['params_batch_size']}: {summary['speedup_vs_params_batch_size']}x the questions/s (sweep)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
-    parser.add_argument("--sweep-questions", type=int, default=96)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--questions", type=int, default=None, help=f"validation questions (default {QUESTIONS:,})")
+    parser.add_argument("--sweep-questions", type=int, default=None, help="questions of the batch-size sweep (96)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 4 8 16 32 64")
+    parser.add_argument("--rounds", type=int, default=None, help="sweep passes, best counts (default 2)")
+    parser.add_argument("--smoke", action="store_true", help=f"tiny run for tests: {SMOKE} unless given")
     parser.add_argument("--model", choices=["base", "adapter", "merged"], default="adapter")
     parser.add_argument("--source", choices=["synthetic", "shared"], default="synthetic")
     parser.add_argument("--tasks", nargs="+", default=None, help="default: params.yaml evaluate.tasks")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS (set before torch loads)")
     parser.add_argument("--keep", default=None, help="build the inputs in this directory and keep it")
     args = parser.parse_args()
+    for key, value in (SMOKE if args.smoke else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("lm_eval", "transformers", "datasets", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -192,7 +226,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         params = project_params(work)
         tasks = args.tasks or list(params.evaluate.tasks)
-        setup = build_inputs(work, params, args.source, args.model)
+        setup = build_inputs(work, params, args.source, args.model, args.questions)
         validation = work / "outputs" / "validated" / "validation.jsonl"
         sizes = list(dict.fromkeys(args.batch_sizes))
         swept = sweep(params, args.model, tasks, write_slice(work, args.sweep_questions), sizes, args.rounds)
@@ -204,6 +238,7 @@ def main() -> None:
             run = time_call(params, args.model, [task], validation, best)
             figures = run["tasks"][task]
             per_task[task] = {
+                "questions": figures["questions"],
                 "seconds": round(run["seconds"], 2),
                 "questions_per_s": round(figures["questions"] / run["seconds"], 2),
                 "requests": figures["requests"],
@@ -232,6 +267,7 @@ def main() -> None:
         "setup_seconds": setup["setup_seconds"],
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
+    print_tables(summary)
     print(json.dumps(summary), flush=True)
 
 

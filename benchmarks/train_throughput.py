@@ -1,11 +1,15 @@
 """Training throughput of three batchings on MedMCQA-length examples: pad to max_length, TRL's default, ours.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_throughput.py [--steps 32] [--eval-rows 96]
-        [--source auto|shared|stored] [--write-lengths]
+        [--batch-size 16] [--source auto|shared|stored] [--write-lengths] [--keep DIR]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_throughput.py --smoke --keep /tmp/bench   # ~20 s
+
+`--smoke` is a tiny run for tests: 2 steps of batch 4, 4 held-out examples, `--source stored` (each can still be
+given); its ratios say little, they only show the three ways still train.
 
 The same tiny NemotronH (`build_base_model` with params.yaml's `model` section, tokenizer trained on the synthetic
 train split as in the default pipeline), the same LoRA initialisation (`backends.load_peft_model`, params.yaml's
-`lora`), the same `--steps` x 16 training examples (one epoch, every way sees each example once), trained three ways:
+`lora`), the same `--steps` x 16 (`--batch-size`, default params.yaml's) training examples (one epoch, every way sees each example once), trained three ways:
 
 - pad_to_max:  random batches, every one padded to max_length (SFTConfig `pad_to_multiple_of=max_length`);
 - trl_default: random batches padded to their longest example (`train_sampling_strategy="random"`): what a user
@@ -59,6 +63,8 @@ LENGTHS_FILE = Path(__file__).resolve().parent / "medmcqa_token_lengths.json"
 MAX_LENGTH = 1024
 WAYS = ("pad_to_max", "trl_default", "project")
 TARGETS = {"ratio_vs_trl_default": 1.5, "ratio_vs_pad_to_max": 3.0, "loss_rel_diff": 0.02}
+SMOKE = {"steps": 2, "eval_rows": 4, "batch_size": 4, "source": "stored"}
+FULL = {"steps": 32, "eval_rows": 96, "batch_size": None, "source": "auto"}  # batch_size None: params.yaml's
 SEED = 0  # which rows/lengths are drawn
 
 log = logging.getLogger("benchmark")
@@ -153,6 +159,7 @@ class Lockstep:
         self.busy = dict.fromkeys(names, 0.0)
         self.step_seconds: dict[str, list[float]] = {n: [] for n in names}
         self.total_steps, self.started, self._since = total_steps, time.perf_counter(), 0.0
+        self.log_every = max(1, min(8, total_steps // 4))  # at least 4 progress lines, at most one per 8 rounds
 
     def _wait_turn(self, name: str) -> None:
         self.cond.wait_for(lambda: self.failed or (self.turn == name and len(self.arrived) == len(self.names)))
@@ -179,13 +186,14 @@ class Lockstep:
     def step_done(self, name: str, step: int) -> None:
         with self.cond:
             self._hand_over(name, leaving=False)
-            if name == self.names[-1] and step % 8 == 0:
+            if name == self.names[-1] and (step % self.log_every == 0 or step == self.total_steps):
                 elapsed = time.perf_counter() - self.started
                 log.info(
-                    "round %d/%d: %.0f s, ETA %.0f s, busy %s",
+                    "round %d/%d: %.0f s, %.3f rounds/s, ETA %.0f s, busy s %s",
                     step,
                     self.total_steps,
                     elapsed,
+                    step / elapsed,
                     elapsed * (self.total_steps - step) / step,
                     {n: round(s, 1) for n, s in self.busy.items()},
                 )
@@ -239,15 +247,16 @@ def build_trainer(way: str, params: Any, base_dir: Path, dataset: Any, out_dir: 
 
     strategy = params.train.train_sampling_strategy if way == "project" else "random"
     train = dataclasses.replace(params.train, max_steps=steps, num_train_epochs=1, train_sampling_strategy=strategy)
+    model, tokenizer = load_peft_model("hf", base_dir, params.lora, train, has_gpu=False)  # same seed: same init
     config = dataclasses.replace(
-        sft_config(train, out_dir / way, has_gpu=False),
+        # model_config: the train stage's call (it decides padding-free batches; never on a CPU).
+        sft_config(train, out_dir / way, has_gpu=False, model_config=model.config),
         eval_strategy="no",  # the held-out loss is computed after training, the same way for all three
         eval_on_start=False,
         save_strategy="no",
         disable_tqdm=True,
         pad_to_multiple_of=MAX_LENGTH if way == "pad_to_max" else None,
     )
-    model, tokenizer = load_peft_model("hf", base_dir, params.lora, train, has_gpu=False)  # same seed: same init
     trainer = sft_trainer_class("hf", has_gpu=False)(
         model=model,
         args=config,

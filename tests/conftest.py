@@ -95,3 +95,20 @@ def wait_for_http_ok(
         except OSError:
             time.sleep(0.5)
     raise AssertionError(f"{what} not ready after {timeout:.0f} s{tail()}")
+
+
+def write_train_report(reports_dir: str | Path, run_id: str | None, coverage_passed: bool = True) -> None:
+    """The reports/train.json a finished train stage leaves: what merge, evaluate and register read from it."""
+    from medlora.core.contracts import TrainReport
+
+    TrainReport(
+        backend="hf",
+        batching="length-grouped",
+        trainable_params_by_block={"mamba": 1},
+        trainable_params=1,
+        total_params=2,
+        coverage={"passed": coverage_passed},
+        params_hash="test",
+        inputs_hash="test",
+        mlflow_run_id=run_id,
+    ).write(reports_dir)

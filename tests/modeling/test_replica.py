@@ -15,7 +15,6 @@ from safetensors import safe_open
 from medlora.modeling.presets import ASSETS_DIR
 from medlora.modeling.replica import (
     AUTO_MAP,
-    FLOAT32_SUFFIXES,
     PUBLISHED_CONFIG,
     REMOTE_CODE_ERROR,
     REMOTE_CODE_FILES,
@@ -25,9 +24,11 @@ from medlora.modeling.replica import (
 )
 from medlora.modeling.tokenizer import answer_letter_tokens, has_generation_marks
 
+# The hub checkpoint's float32 tensors: a public measurement of it found 23,552 float32 bytes, exactly these.
+HUB_FLOAT32 = (".mixer.A_log", ".mixer.D", ".mixer.gate.e_score_correction_bias")
 PUBLISHED = json.loads((ASSETS_DIR / PUBLISHED_CONFIG).read_text(encoding="utf-8"))
 MESSAGES = [
-    {"role": "user", "content": "Question: Which drug causes cinchonism?\n\nA) Quinine\nB) Aspirin\nC) Digoxin\nD) Lithium"},
+    {"role": "user", "content": "Question: Which drug causes cinchonism?\n\nA) Quinine\nB) Aspirin\nC) Digoxin"},
     {"role": "assistant", "content": "The correct answer is A) Quinine."},
 ]
 
@@ -63,12 +64,13 @@ def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 def hub_names(config: dict) -> set[str]:
     """Every tensor name the hub checkpoint has for `config`, written out from its published naming."""
+    mamba = ["A_log", "D", "dt_bias", "conv1d.bias", "conv1d.weight", "in_proj.weight", "norm.weight"]
+    router = ["gate.weight", "gate.e_score_correction_bias"]
+    experts = [f"experts.{k}.{p}_proj.weight" for k in range(config["n_routed_experts"]) for p in ("up", "down")]
     per_block = {
-        "M": ["A_log", "D", "conv1d.bias", "conv1d.weight", "dt_bias", "in_proj.weight", "norm.weight", "out_proj.weight"],
-        "*": ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"],
-        "E": ["gate.weight", "gate.e_score_correction_bias", "shared_experts.up_proj.weight"]
-        + ["shared_experts.down_proj.weight"]
-        + [f"experts.{k}.{p}_proj.weight" for k in range(config["n_routed_experts"]) for p in ("up", "down")],
+        "M": [*mamba, "out_proj.weight"],
+        "*": [f"{p}_proj.weight" for p in "qkvo"],
+        "E": [*router, "shared_experts.up_proj.weight", "shared_experts.down_proj.weight", *experts],
     }
     names = {"backbone.embeddings.weight", "backbone.norm_f.weight", "lm_head.weight"}
     for i, block in enumerate(config["hybrid_override_pattern"]):
@@ -101,14 +103,15 @@ def test_shards_hold_the_hub_tensor_names_in_bf16(tiny):
     index = json.loads((tiny / "model.safetensors.index.json").read_text())
     found = read_shards(tiny)
     shards = sorted(p.name for p in tiny.glob("model-*.safetensors"))
-    assert len(shards) >= 2 and all(re.fullmatch(rf"model-\d{{5}}-of-{len(shards):05d}\.safetensors", s) for s in shards)
+    assert len(shards) >= 2
+    assert all(re.fullmatch(rf"model-\d{{5}}-of-{len(shards):05d}\.safetensors", s) for s in shards)
     assert index["weight_map"] == {name: shard for name, (shard, _, _) in found.items()}
     assert set(found) == hub_names(config)  # backbone. prefix, one tensor per routed expert, no 3-D expert tensor
     assert index["metadata"]["total_size"] == sum(
         torch.Size(shape).numel() * (4 if dtype == "F32" else 2) for _, dtype, shape in found.values()
     )
     for name, (_, dtype, _) in found.items():
-        assert dtype == ("F32" if name.endswith(FLOAT32_SUFFIXES) else "BF16"), name
+        assert dtype == ("F32" if name.endswith(HUB_FLOAT32) else "BF16"), name
     expert = found["backbone.layers.1.mixer.experts.0.up_proj.weight"][2]
     assert expert == (config["moe_intermediate_size"], config["hidden_size"])  # a Linear weight: (out, in)
 
@@ -135,8 +138,12 @@ def test_loads_natively_with_every_weight_from_the_files(tiny, monkeypatch, tmp_
     # Positive control: the stubs are what auto_map would run, had trust_remote_code been turned on.
     monkeypatch.setattr(dynamic_modules, "HF_MODULES_CACHE", str(tmp_path / "modules"))
     monkeypatch.setattr(sys, "path", list(sys.path))
+    before = set(sys.modules)
     with pytest.raises(RuntimeError, match=REMOTE_CODE_ERROR):
         AutoConfig.from_pretrained(tiny, trust_remote_code=True)
+    for name in set(sys.modules) - before:  # the dynamic-module package now points into tmp_path
+        if name.startswith("transformers_modules"):
+            del sys.modules[name]
 
 
 def test_save_pretrained_of_the_loaded_model_writes_the_hub_layout(tiny, tmp_path):

@@ -10,6 +10,7 @@ so the tag a version carries and the report it came from cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,7 +68,8 @@ class Report:
     STAGE: ClassVar[str]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The report as it is on disk: plain JSON values (tuples become lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), allow_nan=True))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str | None = None) -> Self:

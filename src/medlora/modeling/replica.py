@@ -34,6 +34,7 @@ AUTO_MAP: dict[str, str] = {
 }
 REMOTE_CODE_FILES: tuple[str, ...] = ("configuration_nemotron_h.py", "modeling_nemotron_h.py")
 REMOTE_CODE_ERROR = "remote code must never run: medlora loads NemotronH natively"
+STUB_SOURCE = '"""Stand-in for the hub repo\'s {filename}: it must never run."""\n\nraise RuntimeError("{error}")\n'
 # The published tokenizer's first 18 ids (ids 18.. are <SPECIAL_k> placeholders, left out here to keep the vocab
 # small). Same ids, so config.json's bos 1 / eos 2 / pad 0 and generation_config's eos [2, 11] keep their values.
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -207,7 +208,7 @@ def build_replica(directory: str | Path, size: str = "tiny", seed: int = 0) -> P
     Deterministic: the same size and seed give the same bytes. Raises ValueError for an unknown size and
     FileExistsError for a non-empty directory (stale shards of another size would be left in it).
     """
-    # Heavy imports inside: the CLI imports medlora.modeling without torch
+    # torch and transformers imported here: importing this module stays cheap
     import torch
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
@@ -224,8 +225,7 @@ def build_replica(directory: str | Path, size: str = "tiny", seed: int = 0) -> P
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": [2, im_end], "pad_token_id": 0})
     for filename in REMOTE_CODE_FILES:
-        stub = f'"""Stand-in for the hub repo\'s {filename}: it must never run."""\n\nraise RuntimeError("{REMOTE_CODE_ERROR}")\n'
-        (out / filename).write_text(stub, encoding="utf-8")
+        (out / filename).write_text(STUB_SOURCE.format(filename=filename, error=REMOTE_CODE_ERROR), encoding="utf-8")
 
     fields = {key: value for key, value in config.items() if key not in ("model_type", "auto_map")}
     with torch.random.fork_rng():  # leave the caller's RNG as it was
@@ -234,8 +234,9 @@ def build_replica(directory: str | Path, size: str = "tiny", seed: int = 0) -> P
         randomize_constant_inits(model, torch.Generator().manual_seed(seed))
     index = write_shards(hub_tensors(model), out, REPLICA_SHARDS[size])
     write_json(out / "model.safetensors.index.json", index)
+    total, shards = index["metadata"]["total_size"], REPLICA_SHARDS[size]
     logger.info(
-        "replica %s (%s): %d parameters, %d bytes of weights in %d shards, vocab %d, at %s",
-        HUB_ID, size, model.num_parameters(), index["metadata"]["total_size"], REPLICA_SHARDS[size], len(tokenizer), out,
+        "replica of %s (%s): %d parameters, %d bytes in %d shards, vocab %d, at %s",
+        HUB_ID, size, model.num_parameters(), total, shards, len(tokenizer), out,
     )  # fmt: skip
     return out

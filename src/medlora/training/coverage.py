@@ -11,6 +11,7 @@ Block types and how a parameter is classified: modeling/blocks.py.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -53,7 +54,7 @@ class CoverageVerdict:
     message: str
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return json.loads(json.dumps(asdict(self)))  # as it is in reports/train.json (lists, not tuples)
 
 
 def check_coverage(
@@ -97,7 +98,7 @@ class GradientVerdict:
     message: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return json.loads(json.dumps(asdict(self)))  # as it is in reports/train.json (lists, not tuples)
 
 
 def check_gradients(grad_norm_by_block: dict[str, float], targeted: Sequence[str], step: int) -> GradientVerdict:

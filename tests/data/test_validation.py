@@ -16,7 +16,9 @@ from medlora.core.config import Params, PathsConfig, ValidateConfig
 from medlora.core.contracts import COLUMNS, SPLITS
 from medlora.core.io import write_jsonl
 from medlora.data.schema import SnapshotParseError
-from medlora.data.validation import RULES, ValidationFailed, check_splits, normalize_question, validate
+from medlora.core.contracts import ValidationReport
+from medlora.data.validation import RULES, ValidationFailed, check_splits, normalize_question
+from medlora.data.validation import run as validate
 
 IMG = '<img style="max-width: 100%" src=" />'
 
@@ -146,39 +148,39 @@ def test_quarantine_conserves_rows_and_writes_reasons(tmp_path, judged):
     splits, _ = judged
     params = make_project(tmp_path, splits)
     report = validate(params)
-    on_disk = json.loads((tmp_path / "reports/validation.json").read_text())
-    assert on_disk == report
-    assert report["success"] is True and report["clean"] is False
+    report.write(tmp_path / "reports")
+    assert ValidationReport.read(tmp_path / "reports") == report  # the file round-trips every key
+    assert report.success is True and report.clean is False
     for split in SPLITS:
-        counts = report["splits"][split]
+        counts = report.splits[split]
         kept = read_lines(tmp_path / "outputs/validated" / f"{split}.jsonl")
         quarantined = read_lines(tmp_path / "outputs/quarantine" / f"{split}.jsonl")
         assert counts["rows_in"] == len(splits[split]) == counts["rows_kept"] + counts["rows_quarantined"]
         assert (len(kept), len(quarantined)) == (counts["rows_kept"], counts["rows_quarantined"])
         assert all(list(row) == list(COLUMNS) for row in kept)
         assert all(row["reasons"] and ":" in row["reasons"][0] for row in quarantined)
-    assert report["rows_in"] == report["rows_kept"] + report["rows_quarantined"] == 60
-    assert set(report["rules"]) == set(RULES)
-    assert report["rules"]["id_unique"]["count"] == 2 and report["rules"]["id_unique"]["ids"] == ["same-id"] * 2
-    assert report["rules"]["contamination_normalized"]["splits"] == {"train": 2}
-    assert report["rules"]["img_placeholder"]["splits"] == {"train": 2, "test": 1}
+    assert report.rows_in == report.rows_kept + report.rows_quarantined == 60
+    assert set(report.rules) == set(RULES)
+    assert report.rules["id_unique"]["count"] == 2 and report.rules["id_unique"]["ids"] == ["same-id"] * 2
+    assert report.rules["contamination_normalized"]["splits"] == {"train": 2}
+    assert report.rules["img_placeholder"]["splits"] == {"train": 2, "test": 1}
 
 
 def test_fail_mode_stops_and_writes_only_the_report(tmp_path, judged):
     splits, _ = judged
     params = make_project(tmp_path, splits, on_error="fail")
-    with pytest.raises(ValidationFailed, match=r"img_placeholder: 3 rows, e\.g\."):
+    with pytest.raises(ValidationFailed, match=r"img_placeholder: 3 rows, e\.g\.") as caught:
         validate(params)
-    report = json.loads((tmp_path / "reports/validation.json").read_text())
-    assert report["success"] is False and report["on_error"] == "fail"
-    assert report["splits"]["train"]["rows_in"] == 40
+    report = caught.value.report  # run_stage writes it (tests/core/test_stage.py)
+    assert report.success is False and report.on_error == "fail"
+    assert report.splits["train"]["rows_in"] == 40
     assert not (tmp_path / "outputs/validated").exists()
 
 
 def test_fail_mode_passes_a_clean_snapshot(tmp_path):
     params = make_project(tmp_path, clean_splits(), on_error="fail")
     report = validate(params)
-    assert report["success"] and report["clean"] and report["rows_quarantined"] == 0
+    assert report.success and report.clean and report.rows_quarantined == 0
     assert len(read_lines(tmp_path / "outputs/validated/train.jsonl")) == 40
     assert (tmp_path / "outputs/quarantine/train.jsonl").read_text() == ""
 
@@ -237,9 +239,9 @@ def test_real_medmcqa_rows_judged(tmp_path, shared_medmcqa):
     shutil.copy(shared_medmcqa / "test_sample_unlabeled.jsonl", data / "test.jsonl")
     params = make_project(tmp_path, {})
     report = validate(params)
-    counts = {split: (c["rows_in"], c["rows_kept"], c["rows_quarantined"]) for split, c in report["splits"].items()}
+    counts = {split: (c["rows_in"], c["rows_kept"], c["rows_quarantined"]) for split, c in report.splits.items()}
     assert counts == {"train": (1861, 1851, 10), "validation": (4183, 4183, 0), "test": (83, 83, 0)}
-    fired = {rule: entry["count"] for rule, entry in report["rules"].items() if entry["count"]}
+    fired = {rule: entry["count"] for rule, entry in report.rules.items() if entry["count"]}
     assert fired == {"img_placeholder": 10}
     kept = read_lines(tmp_path / "outputs/validated/validation.jsonl")
     assert sum(row["exp"] is None for row in kept) == 1977  # null exp is not an error

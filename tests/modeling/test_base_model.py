@@ -14,7 +14,16 @@ import torch
 
 from conftest import PROJECT_ROOT, example_rows
 from medlora.core.config import ModelConfig
-from medlora.modeling.base_model import BASE_REFERENCE_FILE, BaseModelUnavailable, build_base_model, build_tiny_model, load_base_model, read_base_reference, resolve_name_or_path, tokenizer_corpus
+from medlora.modeling.base_model import (
+    BASE_REFERENCE_FILE,
+    BaseModelUnavailable,
+    build_base_model,
+    build_tiny_model,
+    load_base_model,
+    read_base_reference,
+    resolve_name_or_path,
+    tokenizer_corpus,
+)
 from medlora.core.io import directory_hash
 from medlora.modeling.presets import NEMOTRON_H_TARGETS, ROUTED_EXPERT_PARAMETERS, get_preset, published_config
 from medlora.modeling.prompts import ANSWER_PREFIX, answer_choices, prompt_messages, training_messages

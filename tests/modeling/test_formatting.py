@@ -13,7 +13,14 @@ import pytest
 from conftest import example_rows
 from medlora.core.config import FormatConfig
 from medlora.core.io import write_jsonl
-from medlora.modeling.formatting import EARLY_STOP_FILE, FormatError, TRAIN_FILE, fit_to_length, format_training_data, render_example
+from medlora.modeling.formatting import (
+    EARLY_STOP_FILE,
+    FormatError,
+    TRAIN_FILE,
+    fit_to_length,
+    format_training_data,
+    render_example,
+)
 from medlora.modeling.prompts import scoring_context
 from medlora.modeling.prompts import ANSWER_PREFIX, answer_choices
 from medlora.modeling.tokenizer import CHATML_TEMPLATE
@@ -156,21 +163,21 @@ def test_stage_counts_conserve_and_overflow_is_never_silent(tmp_path, tiny_base_
     validated, train, _ = make_validated(tmp_path)
     config = replace(CONFIG, max_length=128, on_overflow=on_overflow, early_stopping_size=10)
     report = format_training_data(validated / "train.jsonl", tiny_base_dir, tmp_path / "formatted", config)
-    assert report["rows_in"] == len(train) == 60
-    assert report["unlabeled_skipped"] == 3
-    assert report["rows_in"] == report["rows_kept"] + report["rows_dropped"] + report["unlabeled_skipped"]
-    assert report["train_rows"] + report["early_stop_rows"] == report["rows_kept"]
+    assert report.rows_in == len(train) == 60
+    assert report.unlabeled_skipped == 3
+    assert report.rows_in == report.rows_kept + report.rows_dropped + report.unlabeled_skipped
+    assert report.train_rows + report.early_stop_rows == report.rows_kept
     if on_overflow == "drop":
-        assert (report["rows_dropped"], report["rows_truncated"]) == (3, 0)
-        assert report["dropped_by_reason"]["too_long"] == 3
-        assert sorted(report["dropped_ids"]) == [row["id"] for row in train[3:6]]
+        assert (report.rows_dropped, report.rows_truncated) == (3, 0)
+        assert report.dropped_by_reason["too_long"] == 3
+        assert sorted(report.dropped_ids) == [row["id"] for row in train[3:6]]
     else:  # the long question pushes the whole answer past 128 tokens: dropped and counted, not trained empty
-        assert (report["dropped_by_reason"]["answer_cut"], report["rows_truncated"]) == (3, 0)
-    assert report["token_lengths"]["max"] <= 128
-    assert report["token_lengths"]["min"] <= report["token_lengths"]["p50"] <= report["token_lengths"]["p99"]
+        assert (report.dropped_by_reason["answer_cut"], report.rows_truncated) == (3, 0)
+    assert report.token_lengths["max"] <= 128
+    assert report.token_lengths["min"] <= report.token_lengths["p50"] <= report.token_lengths["p99"]
     out = tmp_path / "formatted"
-    assert len(read_ids(out / TRAIN_FILE)) == report["train_rows"]
-    assert len(read_ids(out / EARLY_STOP_FILE)) == report["early_stop_rows"] == 10
+    assert len(read_ids(out / TRAIN_FILE)) == report.train_rows
+    assert len(read_ids(out / EARLY_STOP_FILE)) == report.early_stop_rows == 10
     assert not (tmp_path / "formatted.partial").exists()
     written = [json.loads(line) for line in (out / TRAIN_FILE).open(encoding="utf-8")]
     by_id = {row["id"]: row for row in train}
@@ -184,7 +191,7 @@ def test_truncate_keeps_part_of_the_answer(tmp_path, tiny_base_dir, tokenizer):
     answer_start = render_example(long_row, tokenizer, CONFIG)["completion_mask"].index(1)
     config = replace(CONFIG, max_length=answer_start + 3, on_overflow="truncate", early_stopping_size=0)
     report = format_training_data(validated / "train.jsonl", tiny_base_dir, tmp_path / "formatted", config)
-    assert report["rows_truncated"] >= 3 and report["rows_dropped"] == 0
+    assert report.rows_truncated >= 3 and report.rows_dropped == 0
     rows = {json.loads(line)["id"]: json.loads(line) for line in (tmp_path / "formatted" / TRAIN_FILE).open()}
     kept = rows[long_row["id"]]
     assert len(kept["input_ids"]) == answer_start + 3 and sum(kept["completion_mask"]) == 3

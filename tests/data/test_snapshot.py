@@ -17,10 +17,9 @@ from conftest import PROJECT_ROOT, example_rows
 from medlora import cli
 from medlora.core.config import SnapshotConfig
 from medlora.core.contracts import COLUMNS, SPLITS
+from medlora.core.hub import HubUnavailable
 from medlora.data.schema import read_jsonl_rows
 from medlora.data.snapshot import (
-    HubUnavailable,
-    ensure_hub_reachable,
     normalize_hub_rows,
     read_original,
     read_source,
@@ -74,15 +73,6 @@ def test_hub_offline_fails_within_seconds_saying_what_to_do(monkeypatch):
     started = time.perf_counter()
     with pytest.raises(HubUnavailable, match=r"HF_HUB_OFFLINE.*--source original --path DIR"):
         read_source("hub", SnapshotConfig(revision="abc"))
-    assert time.perf_counter() - started < 5
-
-
-def test_hub_unreachable_fails_fast_without_offline_flag(monkeypatch):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    started = time.perf_counter()
-    with pytest.raises(HubUnavailable, match=r"cannot reach the Hugging Face hub at 127\.0\.0\.1:9"):
-        ensure_hub_reachable("http://127.0.0.1:9", timeout=2)  # the discard port: nothing listens there
     assert time.perf_counter() - started < 5
 
 

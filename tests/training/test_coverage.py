@@ -9,7 +9,13 @@ import torch
 
 from medlora.modeling.presets import NEMOTRON_H_TARGETS, ROUTED_EXPERT_PARAMETERS, TINY_LAYERS
 from medlora.modeling.blocks import block_type_of, params_by_block, trainable_params_by_block
-from medlora.training.coverage import CoverageError, GradientCoverageCallback, check_coverage, check_gradients, require_coverage
+from medlora.training.coverage import (
+    CoverageError,
+    GradientCoverageCallback,
+    check_coverage,
+    check_gradients,
+    require_coverage,
+)
 
 R = 4
 LAYER_TYPES = ["mamba" if k == "linear_attention" else "attention" if k == "full_attention" else k for k in TINY_LAYERS]

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import example_rows
+from conftest import example_rows, write_train_report
 from medlora.core.config import MergeConfig, Params, PathsConfig
 from medlora.modeling.presets import NEMOTRON_H_TARGETS
-from medlora.training.merge import MergeParityError, batch_logits, merge, merge_adapter, parity_batch
+from medlora.core.contracts import MergeReport
+from medlora.training.merge import MergeParityError, batch_logits, merge_adapter, parity_batch
+from medlora.training.merge import run as merge
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def test_merged_model_reloads_with_the_adapter_models_logits(tmp_path, tiny_base
 
     merged_dir = tmp_path / "merged"
     report = merge_adapter(tiny_base_dir, adapter_dir, merged_dir, parity_file, threshold=1e-4)
-    assert report["success"] and report["max_abs_logit_diff"] < 1e-4 and report["parity_rows"] == 8
+    assert report.success and report.max_abs_logit_diff < 1e-4 and report.parity_rows == 8
 
     # Independently: a fresh process-style reload of the merged dir against base + adapter.
     base, tokenizer = load_base_model(tiny_base_dir)
@@ -74,7 +76,7 @@ def test_merged_model_reloads_with_the_adapter_models_logits(tmp_path, tiny_base
 def test_parity_failure_leaves_no_merged_output(tmp_path, tiny_base_dir, adapter_dir, parity_file):
     with pytest.raises(MergeParityError, match="differ from the adapter model's") as caught:
         merge_adapter(tiny_base_dir, adapter_dir, tmp_path / "merged", parity_file, threshold=0.0)
-    assert caught.value.report["success"] is False and caught.value.report["max_abs_logit_diff"] > 0
+    assert caught.value.report.success is False and caught.value.report.max_abs_logit_diff > 0
     assert not (tmp_path / "merged").exists()
 
 
@@ -94,12 +96,13 @@ def test_merge_stage_writes_report_and_logs_to_the_pipeline_run(tmp_path, tiny_b
     params = Params(paths=paths, merge=MergeConfig(parity_max_abs_diff=1e-4))
     with tracking.start_pipeline_run(params, "train") as run:  # what the train stage leaves behind
         run_id = run.info.run_id
-    (tmp_path / "reports").mkdir()
-    (tmp_path / "reports" / "train.json").write_text(json.dumps({"mlflow_run_id": run_id}))
+    write_train_report(tmp_path / "reports", run_id)
 
     report = merge(params)
+    report.write(tmp_path / "reports")
     saved = json.loads((tmp_path / "reports" / "merge.json").read_text())
-    assert saved == report and saved["success"] and saved["parity_max_abs_diff"] == 1e-4
+    assert "error" not in saved and MergeReport.read(tmp_path / "reports") == report
+    assert report.success and saved["parity_max_abs_diff"] == 1e-4
     client = mlflow.MlflowClient(tracking.tracking_uri(tmp_path / "mlruns"))
     logged = client.get_run(run_id).data.metrics["max_abs_logit_diff"]
-    assert logged == pytest.approx(report["max_abs_logit_diff"])
+    assert logged == pytest.approx(report.max_abs_logit_diff)

@@ -13,19 +13,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PROJECT_ROOT, example_rows
+from conftest import PROJECT_ROOT, example_rows, write_train_report
 from medlora.core.config import FormatConfig, parse_params
-from medlora.core.io import read_json, write_json, write_jsonl
+from medlora.core.contracts import EvalReport, TrainReport
+from medlora.core.io import read_json, write_jsonl
 from medlora.data.schema import read_jsonl_rows
 from medlora.evaluation.harness import (
     TASKS_DIR,
     EvaluationError,
     build_task_manager,
-    evaluate,
     model_arguments,
     resolve_primary_metric,
     resolve_tasks,
 )
+from medlora.evaluation.harness import run as evaluate
 from medlora.evaluation.significance import build_gate, mcnemar_p_value, paired_test, wilcoxon_p_value
 
 SYSTEM_PROMPT = FormatConfig().system_prompt
@@ -83,9 +84,17 @@ def project(tmp_path_factory, tiny_base_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def report(project) -> dict:
-    """One real evaluation of base, adapter and merged (3 tasks, 8 questions each)."""
-    return evaluate(project_params(project))
+def report(project) -> EvalReport:
+    """One real evaluation of base, adapter and merged (3 tasks, 8 questions each), logged to a pipeline run."""
+    from medlora.core.tracking import start_pipeline_run
+
+    params = project_params(project)
+    with start_pipeline_run(params) as run:  # what the train stage leaves behind
+        pass
+    write_train_report(project / "reports", run.info.run_id)
+    result = evaluate(params)
+    result.write(project / "reports")
+    return result
 
 
 def task_manager(project: Path, tasks: list[str]):
@@ -208,13 +217,13 @@ def test_gate_pairs_questions_by_id_and_picks_the_test_by_metric():
     gate = build_gate(
         "medmcqa_chat_loglik/answer_loglik", {"base": -7.5, "adapter": -4.0, "merged": -4.01}, per_question
     )
-    assert gate["uplift"] == pytest.approx(3.5)
-    assert gate["merged_vs_adapter"] == pytest.approx(0.01)
-    assert gate["n_paired"] == 6 and gate["test"] == "wilcoxon_signed_rank"
-    assert gate["p_value"] == pytest.approx(2 / 64, abs=1e-12)
+    assert gate.uplift == pytest.approx(3.5)
+    assert gate.merged_vs_adapter == pytest.approx(0.01)
+    assert gate.n_paired == 6 and gate.test == "wilcoxon_signed_rank"
+    assert gate.p_value == pytest.approx(2 / 64, abs=1e-12)
     assert paired_test("acc", [1, 0], [0, 1])[0] == "mcnemar_exact"
     no_merged = build_gate("medmcqa_chat/acc", {"base": 0.25, "adapter": 0.5}, {})
-    assert no_merged["merged"] is None and no_merged["merged_vs_adapter"] is None and no_merged["p_value"] is None
+    assert no_merged.merged is None and no_merged.merged_vs_adapter is None and no_merged.p_value is None
 
 
 # ---------------------------------------------------------------- the stage
@@ -236,16 +245,24 @@ def test_primary_metric_resolution():
 
 
 def test_eval_json_contract(report, project):
-    gate = report["gate"]
-    assert set(gate) >= {"metric", "base", "adapter", "merged", "uplift", "p_value", "merged_vs_adapter"}
-    assert gate["metric"] == "medmcqa_chat_loglik/answer_loglik"
-    results = report["results"]
-    assert gate["base"] == results["base"]["medmcqa_chat_loglik"]["answer_loglik"]
-    assert gate["uplift"] == pytest.approx(gate["adapter"] - gate["base"])
-    assert gate["uplift"] != 0  # the random LoRA changes the model
-    assert 0 < gate["p_value"] <= 1 and gate["n_paired"] == LIMIT
+    gate = report.gate
+    assert set(report.to_dict()["gate"]) >= {
+        "metric",
+        "base",
+        "adapter",
+        "merged",
+        "uplift",
+        "p_value",
+        "merged_vs_adapter",
+    }
+    assert gate.metric == "medmcqa_chat_loglik/answer_loglik"
+    results = report.results
+    assert gate.base == results["base"]["medmcqa_chat_loglik"]["answer_loglik"]
+    assert gate.uplift == pytest.approx(gate.adapter - gate.base)
+    assert gate.uplift != 0  # the random LoRA changes the model
+    assert 0 < gate.p_value <= 1 and gate.n_paired == LIMIT
     # The merged model is the adapter folded into the weights: same figures up to float error.
-    assert gate["merged_vs_adapter"] < 1e-3 * abs(gate["adapter"])
+    assert gate.merged_vs_adapter < 1e-3 * abs(gate.adapter)
     for model in ("base", "adapter", "merged"):
         for task in ("medmcqa_local", "medmcqa_chat"):
             figures = results[model][task]
@@ -258,10 +275,11 @@ def test_eval_json_contract(report, project):
             assert figures["by_choice_type"]["single"]["n"] == LIMIT
         loglik = results[model]["medmcqa_chat_loglik"]
         assert loglik["answer_loglik"] < 0 and loglik["answer_loglik_stderr"] > 0 and loglik["n"] == LIMIT
-        assert report["runs"][model]["wall_seconds"] > 0
-    assert report["runs"]["adapter"]["model_args"]["peft"] == str((project / "outputs/adapter").resolve())
-    assert report["wall_seconds"] > 0
-    assert read_json(project / "reports/eval.json") == report
+        assert report.runs[model]["wall_seconds"] > 0
+    assert report.runs["adapter"]["model_args"]["peft"] == str((project / "outputs/adapter").resolve())
+    assert report.wall_seconds > 0
+    assert read_json(project / "reports/eval.json") == report.to_dict()
+    assert EvalReport.read(project / "reports").gate == report.gate
     assert (project / "reports/plots/subject_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -279,18 +297,13 @@ def test_samples_come_from_the_validation_split_only(report, project):
 def test_metrics_logged_to_the_pipeline_run(report, project, monkeypatch):
     import mlflow
 
-    from medlora.core.tracking import start_pipeline_run
-    from medlora.evaluation.report import log_to_mlflow
+    from medlora.core.tracking import configure_tracking
 
-    params = project_params(project)
-    with start_pipeline_run(params) as run:
-        run_id = run.info.run_id
-    write_json(project / "reports/train.json", {"mlflow_run_id": run_id})
-    reports = project / "reports"
-    assert log_to_mlflow(params, report, [reports / "eval.json", reports / "plots/subject_accuracy.png"]) == run_id
+    configure_tracking(project_params(project))
+    run_id = TrainReport.read(project / "reports").mlflow_run_id
     logged = mlflow.get_run(run_id).data.metrics
-    assert logged["eval.gate.uplift"] == pytest.approx(report["gate"]["uplift"])
-    assert logged["eval.adapter.medmcqa_chat.acc"] == pytest.approx(report["results"]["adapter"]["medmcqa_chat"]["acc"])
+    assert logged["eval.gate.uplift"] == pytest.approx(report.gate.uplift)
+    assert logged["eval.adapter.medmcqa_chat.acc"] == pytest.approx(report.results["adapter"]["medmcqa_chat"]["acc"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "evaluate")}
     assert artifacts == {"evaluate/eval.json", "evaluate/subject_accuracy.png"}
 

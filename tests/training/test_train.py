@@ -28,7 +28,7 @@ from medlora.training.backends import (
     sft_config,
 )
 from medlora.training.coverage import CoverageError
-from medlora.training.train import CHECKPOINT_MARK, find_resumable_checkpoint
+from medlora.training.resume import CHECKPOINT_MARK, find_resumable_checkpoint
 
 FAST_TRAIN = {
     "per_device_train_batch_size": 4,
@@ -133,7 +133,7 @@ def test_training_changes_the_adapter_not_the_base_and_logs_eval_loss(tmp_path, 
     from safetensors.torch import load_file
 
     from medlora.modeling.base_model import load_base_model
-    from medlora.training.train import train
+    from medlora.training.train import run as train
 
     params = stage_params(tmp_path, tiny_base_dir, formatted_dir)
     report = train(params)
@@ -148,11 +148,9 @@ def test_training_changes_the_adapter_not_the_base_and_logs_eval_loss(tmp_path, 
         if "lora_" not in name:
             assert parameter.equal(reference[name.replace(".base_layer", "")]), name
 
-    assert report["coverage"]["passed"] and report["coverage"]["gradient_check"]["passed"]
-    assert report["trainable_params_by_block"]["mamba"] > 0 and report["global_step"] == 6
-    assert report["eval_loss_final"] < report["eval_loss_initial"]  # the answer-token loss moved
-    saved = json.loads((tmp_path / "reports" / "train.json").read_text())
-    assert saved["mlflow_run_id"] == report["mlflow_run_id"]
+    assert report.coverage["passed"] and report.coverage["gradient_check"]["passed"]
+    assert report.trainable_params_by_block["mamba"] > 0 and report.global_step == 6
+    assert report.eval_loss_final < report.eval_loss_initial  # the answer-token loss moved
     history = (tmp_path / "reports" / "train_history.csv").read_text().splitlines()
     assert history[0] == "step,train_loss,eval_loss,learning_rate,grad_norm"
     assert [line.split(",")[0] for line in history[1:] if line.split(",")[2]] == ["0", "3", "6"]  # eval rows
@@ -160,8 +158,10 @@ def test_training_changes_the_adapter_not_the_base_and_logs_eval_loss(tmp_path, 
     assert (tmp_path / "outputs" / "adapter" / "medlora_base.json").exists()
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    run = client.get_run(report["mlflow_run_id"])
+    run = client.get_run(report.mlflow_run_id)
     assert run.data.tags["params_hash"] == params.params_hash()
+    logged = json.loads(Path(client.download_artifacts(run.info.run_id, "train/train.json", str(tmp_path))).read_text())
+    assert logged == report.to_dict()  # the run carries the very report the stage writes
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 6
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [0, 3, 6]
     for metric in ("learning_rate", "grad_norm", "tokens_per_second", "peak_memory_mb"):
@@ -170,7 +170,7 @@ def test_training_changes_the_adapter_not_the_base_and_logs_eval_loss(tmp_path, 
 
 def test_absurd_learning_rate_stops_training_with_the_common_issues_fix(tmp_path, tiny_base_dir, formatted_dir):
     from medlora.training.monitoring import TrainingHealthError
-    from medlora.training.train import train
+    from medlora.training.train import run as train
 
     params = stage_params(tmp_path, tiny_base_dir, formatted_dir, learning_rate=1e4, max_steps=12, warmup_steps=0)
     with pytest.raises(TrainingHealthError, match=r"Loss explodes.*reduce train\.learning_rate by 10x"):
@@ -179,14 +179,16 @@ def test_absurd_learning_rate_stops_training_with_the_common_issues_fix(tmp_path
 
 
 def test_target_list_without_mamba_fails_before_training(tmp_path, tiny_base_dir, formatted_dir):
-    from medlora.training.train import train
+    from medlora.training.train import run as train
 
     lora = {"target_modules": ("q_proj", "k_proj", "v_proj", "o_proj")}
-    with pytest.raises(CoverageError, match="no trainable parameters to mamba blocks; NemotronH's Mamba projection"):
+    with pytest.raises(
+        CoverageError, match="no trainable parameters to mamba blocks; NemotronH's Mamba projection"
+    ) as e:
         train(stage_params(tmp_path, tiny_base_dir, formatted_dir, lora=lora))
-    report = json.loads((tmp_path / "reports" / "train.json").read_text())
-    assert report["coverage"]["passed"] is False
-    assert report["coverage"]["missing"] == ["mamba", "moe_shared_expert"]
+    report = e.value.report  # the stage script writes it (run_stage)
+    assert report.coverage["passed"] is False and report.coverage_passed is False
+    assert report.coverage["missing"] == ["mamba", "moe_shared_expert"]
     assert not (tmp_path / "outputs" / "checkpoints").exists()
 
 
