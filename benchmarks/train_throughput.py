@@ -9,7 +9,8 @@ given); its ratios say little, they only show the three ways still train.
 
 The same tiny NemotronH (`build_base_model` with params.yaml's `model` section, tokenizer trained on the synthetic
 train split as in the default pipeline), the same LoRA initialisation (`backends.load_peft_model`, params.yaml's
-`lora`), the same `--steps` x 16 (`--batch-size`, default params.yaml's) training examples (one epoch, every way sees each example once), trained three ways:
+`lora`), the same `--steps` x 16 (`--batch-size`, default params.yaml's) training examples (one epoch, every way
+sees each example once), trained three ways:
 
 - pad_to_max:  random batches, every one padded to max_length (SFTConfig `pad_to_multiple_of=max_length`);
 - trl_default: random batches padded to their longest example (`train_sampling_strategy="random"`): what a user
@@ -46,6 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -340,11 +342,17 @@ def main() -> None:
     from medlora.core.stage import setup_logging
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=32, help="optimizer steps per way (one epoch of steps x 16)")
-    parser.add_argument("--eval-rows", type=int, default=96, help="held-out examples for the final loss")
-    parser.add_argument("--source", choices=("auto", "shared", "stored"), default="auto")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per way, one epoch (default 32)")
+    parser.add_argument("--eval-rows", type=int, default=None, help="held-out examples for the final loss (96)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: params.yaml train batch size")
+    parser.add_argument("--source", choices=("auto", "shared", "stored"), default=None, help="default auto")
     parser.add_argument("--write-lengths", action="store_true", help=f"rewrite {LENGTHS_FILE.name} from dev.jsonl")
+    parser.add_argument("--smoke", action="store_true", help=f"tiny run for tests: {SMOKE} unless given")
+    parser.add_argument("--keep", default=None, help="build the inputs in this directory and keep it")
     args = parser.parse_args()
+    for key, value in (SMOKE if args.smoke else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     setup_logging("WARNING")
     log.setLevel(logging.INFO)
     started, load_before = time.perf_counter(), os.getloadavg()
@@ -363,10 +371,15 @@ def main() -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     params = load_params(PROJECT_ROOT / "params.yaml")
-    batch = params.train.per_device_train_batch_size
+    batch = args.batch_size or params.train.per_device_train_batch_size
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, per_device_train_batch_size=batch))
     count = args.steps * batch + args.eval_rows
     source = ("shared" if SHARED_DEV.exists() else "stored") if args.source == "auto" else args.source
-    with tempfile.TemporaryDirectory(prefix="medlora-batching-bench-") as tmp:
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+    with (
+        contextlib.nullcontext(args.keep) if args.keep else tempfile.TemporaryDirectory(prefix="medlora-bench-") as tmp
+    ):
         work = Path(tmp)
         train_rows = generate_splits(params.snapshot.seed, params.snapshot.train_size, 0, 0)["train"]
         build_base_model(params.model, train_rows, work / "base_model")
@@ -397,7 +410,8 @@ def main() -> None:
         initial = heldout_loss(trainers["project"].model, eval_examples)  # the trainer puts it back in train mode
         train_all(trainers, lockstep)
         results = {w: summarize(w, t, lockstep, eval_examples) for w, t in trainers.items()}
-    log.info("project batching (as the train stage logs it): %s", batching(params.train))
+    project_batching = batching(params.train, trainers["project"].model.config, has_gpu=False)
+    log.info("project batching (as the train stage logs it): %s", project_batching)
 
     project, trl_default, pad_to_max = (results[w] for w in ("project", "trl_default", "pad_to_max"))
     trl_loss = trl_default["heldout_loss"]
@@ -427,7 +441,9 @@ def main() -> None:
                 "source": source,
                 "max_length": MAX_LENGTH,
                 "batch_size": batch,
+                "project_batching": project_batching,
                 "steps": args.steps,
+                "train_examples": len(train_examples),
                 "heldout_examples": len(eval_examples),
                 "heldout_loss_initial": round(initial, 4),
                 "ways": results,

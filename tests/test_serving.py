@@ -17,8 +17,9 @@ import yaml
 
 from conftest import wait_for_http_ok
 from medlora.modeling.prompts import ANSWER_PREFIX, prompt_messages, training_messages
-from medlora.registry.register import RegistryError, register
-from test_registry import free_port, gate, outputs, params, pipeline_run, register_and_promote  # noqa: F401
+from medlora.registry.client import RegistryError
+from medlora.registry.register import run as register
+from registry.test_register import free_port, gate, outputs, params, pipeline_run, register_and_promote  # noqa: F401
 
 QUESTION = "Which drug causes cinchonism?"
 OPTIONS = ["Aspirin", "Quinine", "Paracetamol", "Ibuprofen"]
@@ -38,10 +39,11 @@ def champion_project(params, outputs, tmp_path):  # noqa: F811
 
 
 def ask(params_file: Path, capsys, **changes) -> str:
-    from medlora.serving import ask_command
+    from medlora.cli import ask_command
+    from medlora.core.config import load_params
 
-    args = {"params": str(params_file), "question": QUESTION, "options": None, "alias": "champion"}
-    assert ask_command(SimpleNamespace(**{**args, "max_new_tokens": 6, **changes})) == 0
+    args = {"question": QUESTION, "options": None, "alias": "champion"}
+    assert ask_command(load_params(params_file), SimpleNamespace(**{**args, "max_new_tokens": 6, **changes})) == 0
     return capsys.readouterr().out
 
 
@@ -70,8 +72,7 @@ def test_scored_context_and_choice_tokenize_exactly_like_the_training_example(ti
     """What `ask` scores is what training taught the model to say first."""
     from transformers import AutoTokenizer
 
-    from medlora.modeling.prompts import answer_choices
-    from medlora.modeling.prompts import scoring_context
+    from medlora.modeling.prompts import answer_choices, scoring_context
     from medlora.serving import continuation_ids
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_base_dir))
@@ -104,10 +105,11 @@ def test_export_writes_a_loadable_adapter_and_the_vllm_command(champion_project,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from medlora.serving import export_command
+    from medlora.cli import export_command
+    from medlora.core.config import load_params
 
     target = tmp_path / "export"
-    assert export_command(SimpleNamespace(params=str(champion_project), alias="champion", directory=str(target))) == 0
+    assert export_command(load_params(champion_project), SimpleNamespace(alias="champion", directory=str(target))) == 0
     command = capsys.readouterr().out.strip()
     assert command == f"vllm serve {target / 'base_model'} --enable-lora --lora-modules medlora={target}"
     manifest = json.loads((target / "medlora_export.json").read_text())

@@ -18,7 +18,7 @@ from medlora.core.config import Params
 from medlora.core.contracts import LETTERS, OPTION_COLUMNS
 from medlora.core.io import atomic_directory, read_json, write_json
 from medlora.modeling.prompts import answer_choices, render_chat, scoring_context
-from medlora.registry.register import RegistryError, alias_version, open_registry
+from medlora.registry.client import RegistryError, alias_version, open_registry
 
 logger = logging.getLogger(__name__)
 

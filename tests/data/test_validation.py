@@ -13,10 +13,9 @@ import yaml
 
 from conftest import PROJECT_ROOT, example_rows
 from medlora.core.config import Params, PathsConfig, ValidateConfig
-from medlora.core.contracts import COLUMNS, SPLITS
+from medlora.core.contracts import COLUMNS, SPLITS, ValidationReport
 from medlora.core.io import write_jsonl
 from medlora.data.schema import SnapshotParseError
-from medlora.core.contracts import ValidationReport
 from medlora.data.validation import RULES, ValidationFailed, check_splits, normalize_question
 from medlora.data.validation import run as validate
 

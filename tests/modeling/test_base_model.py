@@ -14,6 +14,7 @@ import torch
 
 from conftest import PROJECT_ROOT, example_rows
 from medlora.core.config import ModelConfig
+from medlora.core.io import directory_hash
 from medlora.modeling.base_model import (
     BASE_REFERENCE_FILE,
     BaseModelUnavailable,
@@ -24,7 +25,6 @@ from medlora.modeling.base_model import (
     resolve_name_or_path,
     tokenizer_corpus,
 )
-from medlora.core.io import directory_hash
 from medlora.modeling.presets import NEMOTRON_H_TARGETS, ROUTED_EXPERT_PARAMETERS, get_preset, published_config
 from medlora.modeling.prompts import ANSWER_PREFIX, answer_choices, prompt_messages, training_messages
 from medlora.modeling.tokenizer import CHATML_TEMPLATE, answer_letter_tokens, train_chat_tokenizer

@@ -15,14 +15,13 @@ from medlora.core.config import FormatConfig
 from medlora.core.io import write_jsonl
 from medlora.modeling.formatting import (
     EARLY_STOP_FILE,
-    FormatError,
     TRAIN_FILE,
+    FormatError,
     fit_to_length,
     format_training_data,
     render_example,
 )
-from medlora.modeling.prompts import scoring_context
-from medlora.modeling.prompts import ANSWER_PREFIX, answer_choices
+from medlora.modeling.prompts import ANSWER_PREFIX, answer_choices, scoring_context
 from medlora.modeling.tokenizer import CHATML_TEMPLATE
 
 CONFIG = FormatConfig()

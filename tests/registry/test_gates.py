@@ -7,13 +7,12 @@ import math
 import pytest
 
 from medlora.core.config import PromoteConfig
+from medlora.core.contracts import EvalGate
 from medlora.registry.gates import (
     Candidate,
     Champion,
     candidate_from_gate,
     champion_from_tags,
-    gate_from_tags,
-    gate_tags,
     merged_relative_difference,
     should_promote,
 )
@@ -47,7 +46,7 @@ def good(**changes) -> Candidate:
         "value": -5.0,
         "merged": -5.0001,
         "p_value": 0.001,
-        "validation_passed": True,
+        "validation_success": True,
         "coverage_passed": True,
         "version": "7",
     }
@@ -82,8 +81,8 @@ FAILING = [
     ("champion_margin", {}, BASE, {"value": -5.1}, {}),  # better by 0.1 <= margin 0.2
     ("max_merged_vs_adapter_rel", {"merged": -5.2}, BASE, {}, {}),  # 4% off
     ("max_merged_vs_adapter_rel", {"merged": None}, BASE, {}, {}),
-    ("validation", {"validation_passed": False}, BASE, {}, {}),
-    ("validation", {"validation_passed": None}, BASE, {}, {}),
+    ("validation", {"validation_success": False}, BASE, {}, {}),
+    ("validation", {"validation_success": None}, BASE, {}, {}),
     ("coverage", {"coverage_passed": False}, BASE, {}, {}),
     ("coverage", {"coverage_passed": None}, BASE, {}, {}),
 ]
@@ -165,7 +164,7 @@ def test_min_value_is_inclusive():
 
 def test_verdicts_not_required_pass_but_say_what_they_were():
     gates = PromoteConfig(**{**GATES.__dict__, "require_validation": False, "require_coverage": False})
-    verdict = should_promote(good(validation_passed=False, coverage_passed=None), BASE, champion(), gates)
+    verdict = should_promote(good(validation_success=False, coverage_passed=None), BASE, champion(), gates)
     assert verdict.promote
     assert reason_for(verdict, "validation") == "PASS validation: not required (data validation failed)"
     assert reason_for(verdict, "coverage") == "PASS coverage: not required (LoRA coverage gate missing)"
@@ -202,21 +201,22 @@ def test_gate_round_trips_through_version_tags():
         "p_value": 1e-9,
         "merged_vs_adapter": 1e-5,
     }
-    tags = gate_tags(gate)
+    tags = EvalGate.from_dict({**gate, "test": "wilcoxon_signed_rank", "n_paired": 8}).tags()
     assert all(isinstance(value, str) for value in tags.values())
-    candidate, base = candidate_from_gate(gate_from_tags(tags), "True", "False", version="4")
+    candidate, base = candidate_from_gate(EvalGate.from_tags(tags), "True", "False", version="4")
     assert (candidate.value, base, candidate.merged, candidate.p_value) == (-5.0, -8.0, -5.00001, 1e-9)
-    assert (candidate.validation_passed, candidate.coverage_passed, candidate.version) == (True, False, "4")
+    assert (candidate.validation_success, candidate.coverage_passed, candidate.version) == (True, False, "4")
     assert champion_from_tags("4", tags) == Champion(version="4", metric=METRIC, value=-5.0)
 
 
 def test_gate_with_missing_p_value_and_merged_reads_as_none():
-    candidate, _ = candidate_from_gate(gate_from_tags(gate_tags({"metric": "m", "base": 0, "adapter": 1})), True, True)
+    tags = {"gate.metric": "m", "gate.base": "0", "gate.adapter": "1", "gate.merged": "None"}
+    candidate, _ = candidate_from_gate(EvalGate.from_tags(tags), True, True)
     assert candidate.p_value is None and candidate.merged is None
 
 
 def test_incomplete_gate_or_champion_tags_fail_clearly():
     with pytest.raises(ValueError, match="'adapter'"):
-        candidate_from_gate({"metric": METRIC, "base": 1.0}, True, True)
+        candidate_from_gate(EvalGate.from_tags({"gate.metric": METRIC, "gate.base": "1.0"}), True, True)
     with pytest.raises(ValueError, match=r"champion v2 has no gate\.metric"):
         champion_from_tags("2", {"git_commit": "abc"})

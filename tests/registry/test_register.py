@@ -13,7 +13,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import write_train_report
 from medlora.core.config import Params, PathsConfig, PromoteConfig, RegisterConfig
+from medlora.core.contracts import (
+    EvalGate,
+    EvalReport,
+    PromotionReport,
+    RegisteredVersion,
+    Registration,
+    ValidationReport,
+)
 from medlora.core.io import read_json, write_json
 from medlora.modeling.base_model import BASE_REFERENCE_FILE, BaseModelUnavailable, load_base_model
 
@@ -96,24 +105,43 @@ def pipeline_run(params: Params, run: dict, gate_values: dict, validation: bool 
     with start_pipeline_run(params) as active:
         run_id = active.info.run_id
     assert mlflow.active_run() is None
-    reports = Path(params.paths.reports_dir)
-    write_json(reports / "train.json", {"mlflow_run_id": run_id, "coverage": {"passed": coverage}})
-    write_json(reports / "eval.json", {"gate": gate_values})
-    write_json(reports / "validation.json", {"success": validation})
+    write_reports(Path(params.paths.reports_dir), run_id, gate_values, validation, coverage)
     return run_id
 
 
-def register_and_promote(params: Params) -> tuple[dict, dict]:
-    from medlora.registry.promote import promote_stage
-    from medlora.registry.register import register
+def write_reports(reports: Path, run_id: str, gate_values: dict, validation: bool, coverage: bool | None) -> None:
+    """train.json, eval.json and validation.json as the stages write them, with the figures the gates read."""
+    write_train_report(reports, run_id, coverage)
+    EvalReport(
+        gate=EvalGate.from_dict({"test": "wilcoxon_signed_rank", "n_paired": 8, **gate_values}),
+        primary_metric=gate_values["metric"],
+        results={},
+        runs={},
+        tasks=[gate_values["metric"].split("/")[0]],
+        backend="hf",
+        source="local",
+        limit=None,
+        batch_size=4,
+        validation_file="outputs/validated/validation.jsonl",
+        wall_seconds=1.0,
+    ).write(reports)
+    ValidationReport(
+        success=validation, clean=validation, on_error="quarantine", rows_in=1, rows_kept=1, rows_quarantined=0,
+        splits={}, rules={},
+    ).write(reports)  # fmt: skip
+
+
+def register_and_promote(params: Params) -> tuple[Registration, PromotionReport]:
+    from medlora.registry.promote import run as promote_stage
+    from medlora.registry.register import run as register
 
     registration = register(params)
-    write_json(Path(params.paths.reports_dir) / "registration.json", registration)
+    registration.write(params.paths.reports_dir)
     return registration, promote_stage(params)
 
 
 def champions(params: Params) -> tuple[str | None, str | None]:
-    from medlora.registry.register import CHAMPION, alias_version, open_registry
+    from medlora.registry.client import CHAMPION, alias_version, open_registry
 
     client = open_registry(params)
     return alias_version(client, ADAPTER, CHAMPION), alias_version(client, MERGED, CHAMPION)
@@ -130,12 +158,13 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_registered_versions_reload_with_the_same_logits_and_carry_lineage(params, outputs):
     import mlflow
 
-    from medlora.registry.register import open_registry, register
+    from medlora.registry.client import open_registry
+    from medlora.registry.register import run as register
 
     run_id = pipeline_run(params, outputs[0], gate(-5.0))
     registration = register(params)
-    assert registration["adapter"] == {"name": ADAPTER, "version": "1", "created": True, "run_id": run_id}
-    assert registration["merged"] == {"name": MERGED, "version": "1", "created": True, "run_id": run_id}
+    assert registration.adapter == RegisteredVersion(ADAPTER, "1", True, run_id)
+    assert registration.merged == RegisteredVersion(MERGED, "1", True, run_id)
 
     adapter = mlflow.pyfunc.load_model(f"models:/{ADAPTER}/1")
     reloaded = adapter.unwrap_python_model()
@@ -167,39 +196,40 @@ def test_registered_versions_reload_with_the_same_logits_and_carry_lineage(param
 
 
 def test_registering_the_same_outputs_twice_adds_no_version(params, outputs):
-    from medlora.registry.register import open_registry, register
+    from medlora.registry.client import open_registry
+    from medlora.registry.register import run as register
 
     pipeline_run(params, outputs[0], gate(-5.0))
     first = register(params)
     second = register(params)
-    assert (second["adapter"]["version"], second["merged"]["version"]) == ("1", "1")
-    assert second["adapter"]["created"] is False and second["merged"]["created"] is False
+    assert (second.adapter.version, second.merged.version) == ("1", "1")
+    assert second.adapter.created is False and second.merged.created is False
     client = open_registry(params)
     assert [len(client.search_model_versions(f"name='{n}'")) for n in (ADAPTER, MERGED)] == [1, 1]
-    assert first["tags"]["adapter_sha256"] == second["tags"]["adapter_sha256"]
+    assert first.tags["adapter_sha256"] == second.tags["adapter_sha256"]
 
 
 def test_champion_challenger_rejection_and_rollback(params, outputs):
+    from medlora.registry.client import RegistryError, open_registry
     from medlora.registry.promote import rollback
-    from medlora.registry.register import RegistryError, open_registry
 
     pipeline_run(params, outputs[0], gate(-5.0))
     _, first = register_and_promote(params)
-    assert first["decision"] == "promoted"
-    assert first["champion_before"] == {ADAPTER: None, MERGED: None}
-    assert first["champion_after"] == {ADAPTER: "1", MERGED: "1"}
+    assert first.decision == "promoted"
+    assert first.champion_before == {ADAPTER: None, MERGED: None}
+    assert first.champion_after == {ADAPTER: "1", MERGED: "1"}
 
     pipeline_run(params, outputs[1], gate(-4.0))
     _, second = register_and_promote(params)
-    assert second["decision"] == "promoted" and champions(params) == ("2", "2")
+    assert second.decision == "promoted" and champions(params) == ("2", "2")
     client = open_registry(params)
     assert client.get_registered_model(ADAPTER).tags["previous_champion"] == "1"
     assert "challenger" not in aliases(client, ADAPTER)  # the challenger became champion
 
     pipeline_run(params, outputs[2], gate(-9.0))  # worse than the base: uplift -1
     _, third = register_and_promote(params)
-    assert third["decision"] == "rejected"
-    failed = [reason.split(":")[0] for reason in third["reasons"] if reason.startswith("FAIL")]
+    assert third.decision == "rejected"
+    failed = [reason.split(":")[0] for reason in third.reasons if reason.startswith("FAIL")]
     assert failed == ["FAIL min_uplift", "FAIL champion_tolerance", "FAIL champion_margin"]
     assert champions(params) == ("2", "2")
     assert aliases(client, MERGED) == {"champion": "2", "challenger": "3"}
@@ -213,17 +243,19 @@ def test_champion_challenger_rejection_and_rollback(params, outputs):
 
 
 def test_forced_promotion_records_who_and_why(params, outputs):
-    from medlora.registry.promote import promote_command, promote_version
-    from medlora.registry.register import open_registry, register
+    from medlora.cli import promote_command
+    from medlora.registry.client import open_registry
+    from medlora.registry.promote import promote_version
+    from medlora.registry.register import run as register
 
     pipeline_run(params, outputs[0], gate(-5.0, p_value=0.3))
     register(params)
     args = SimpleNamespace(params="unused", version="1", force=True, reason=None)
     with pytest.raises(ValueError, match="--force needs --reason"):
-        promote_command(args)
-    assert promote_version(params, "1")["decision"] == "rejected"
+        promote_command(params, args)
+    assert promote_version(params, "1").decision == "rejected"
     report = promote_version(params, "1", force_reason="hotfix approved by the on-call")
-    assert report["decision"] == "promoted" and report["forced"] is True
+    assert report.decision == "promoted" and report.forced is True
     tags = open_registry(params).get_model_version(MERGED, "1").tags
     assert tags["forced_reason"] == "hotfix approved by the on-call"
     assert tags["forced_failed_gates"].startswith("FAIL max_p_value: p-value 0.3")
@@ -233,7 +265,7 @@ def test_forced_promotion_records_who_and_why(params, outputs):
 
 def promote_two(params, outputs) -> None:
     """Champion v1 on both models, and a better v2 registered as challenger."""
-    from medlora.registry.register import register
+    from medlora.registry.register import run as register
 
     pipeline_run(params, outputs[0], gate(-5.0))
     register_and_promote(params)
@@ -257,7 +289,7 @@ def fail_moving_merged_version_2(monkeypatch) -> None:
 
 def test_failure_between_the_two_alias_moves_restores_both_champions(params, outputs, monkeypatch):
     from medlora.registry import promote as promotion
-    from medlora.registry.register import RegistryError, open_registry
+    from medlora.registry.client import RegistryError, open_registry
 
     promote_two(params, outputs)
     fail_moving_merged_version_2(monkeypatch)
@@ -269,7 +301,8 @@ def test_failure_between_the_two_alias_moves_restores_both_champions(params, out
 
 def test_a_forced_promotion_that_fails_halfway_leaves_no_force_record(params, outputs, monkeypatch):
     from medlora.registry import promote as promotion
-    from medlora.registry.register import RegistryError, open_registry, register
+    from medlora.registry.client import RegistryError, open_registry
+    from medlora.registry.register import run as register
 
     pipeline_run(params, outputs[0], gate(-5.0))
     register_and_promote(params)
@@ -306,11 +339,11 @@ def test_a_store_refusing_the_second_write_leaves_no_half_promotion(params, outp
 
 
 def test_a_first_promotion_failing_halfway_leaves_no_champion_at_all(params, outputs):
-    from medlora.registry.promote import promote_stage
-    from medlora.registry.register import register
+    from medlora.registry.promote import run as promote_stage
+    from medlora.registry.register import run as register
 
     pipeline_run(params, outputs[0], gate(-5.0))
-    write_json(Path(params.paths.reports_dir) / "registration.json", register(params))
+    register(params).write(params.paths.reports_dir)
     refuse_alias_writes(params, MERGED)
     with pytest.raises(RuntimeError, match="undid 1 earlier write"):
         promote_stage(params)
@@ -324,8 +357,9 @@ def free_port() -> int:
 
 
 def test_unreachable_store_fails_with_a_clear_message_and_changes_nothing(params, outputs, monkeypatch):
+    from medlora.registry.client import RegistryError
     from medlora.registry.promote import promote_version
-    from medlora.registry.register import RegistryError, register
+    from medlora.registry.register import run as register
 
     promote_two(params, outputs)
     uri = f"http://127.0.0.1:{free_port()}"
@@ -341,23 +375,23 @@ def test_unreachable_store_fails_with_a_clear_message_and_changes_nothing(params
 
 
 def test_if_promotable_skips_the_merged_model_of_a_failing_candidate(params, outputs):
+    from medlora.registry.client import RegistryError, open_registry
     from medlora.registry.promote import promote_version
-    from medlora.registry.register import RegistryError, open_registry
 
     params = dataclasses.replace(params, register=RegisterConfig(register_merged="if_promotable"))
     pipeline_run(params, outputs[0], gate(-5.0), validation=False)
     registration, promotion = register_and_promote(params)
-    assert registration["merged"] is None
-    assert "FAIL validation: data validation failed" in registration["merged_skipped"]
-    assert promotion["decision"] == "rejected"
-    assert promotion["reasons"][-1].startswith("FAIL merged_registered")
+    assert registration.merged is None
+    assert "FAIL validation: data validation failed" in registration.merged_skipped
+    assert promotion.decision == "rejected"
+    assert promotion.reasons[-1].startswith("FAIL merged_registered")
     assert open_registry(params).search_model_versions(f"name='{MERGED}'") == []
     with pytest.raises(RegistryError, match="no merged version"):
         promote_version(params, "1", force_reason="try anyway")
 
 
 def test_status_table_lists_versions_aliases_and_metrics(params, outputs, capsys):
-    from medlora.registry.register import format_table, open_registry, status_rows
+    from medlora.registry.client import format_table, open_registry, status_rows
 
     promote_two(params, outputs)
     rows = status_rows(open_registry(params), params)
@@ -373,7 +407,7 @@ def test_status_table_lists_versions_aliases_and_metrics(params, outputs, capsys
 def test_adapter_whose_base_is_missing_fails_to_load_with_the_path(params, outputs, tmp_path):
     import mlflow
 
-    from medlora.registry.register import register
+    from medlora.registry.register import run as register
 
     pipeline_run(params, outputs[0], gate(-5.0))
     # A base referenced by path (like a hub preset pointed at a local directory), not shipped with the adapter.
@@ -404,23 +438,13 @@ def test_hub_base_offline_and_corrupt_shipped_base_fail_clearly(outputs, tiny_ba
         resolve_base(reference, None)
 
 
-def test_coverage_verdict_reads_the_forms_train_json_may_use():
-    from medlora.registry.register import coverage_verdict
-
-    assert coverage_verdict({"coverage": {"passed": True, "missing": []}}) is True
-    assert coverage_verdict({"coverage": {"success": False}}) is False
-    assert coverage_verdict({"coverage": "failed"}) is False
-    assert coverage_verdict({"coverage": True}) is True
-    assert coverage_verdict({}) is None
-
-
 def test_promote_gates_come_from_params(params, outputs):
     from medlora.registry.promote import promote_version
-    from medlora.registry.register import register
+    from medlora.registry.register import run as register
 
     params = dataclasses.replace(params, promote=PromoteConfig(min_value=-4.5))
     pipeline_run(params, outputs[0], gate(-5.0))
     register(params)
     report = promote_version(params, "1")
-    assert report["decision"] == "rejected"
-    assert "FAIL min_value: medmcqa_chat_loglik/answer_loglik -5 < -4.5" in report["reasons"]
+    assert report.decision == "rejected"
+    assert "FAIL min_value: medmcqa_chat_loglik/answer_loglik -5 < -4.5" in report.reasons

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from conftest import wait_for_http_ok
-from test_registry import (
+from registry.test_register import (
     ADAPTER,
     MERGED,
     build_outputs,
@@ -159,13 +159,13 @@ def test_register_and_promote_against_a_tracking_server_with_postgres(
 
     run_id = pipeline_run(params, runs[0], gate(-5.0))
     registration, promotion = register_and_promote(params)
-    assert registration["tracking_uri"] == url
-    assert promotion["decision"] == "promoted"
-    assert promotion["champion_after"] == {ADAPTER: "1", MERGED: "1"}
+    assert registration.tracking_uri == url
+    assert promotion.decision == "promoted"
+    assert promotion.champion_after == {ADAPTER: "1", MERGED: "1"}
     # A worse second run is registered as challenger and rejected: the champion stays.
     second_run_id = pipeline_run(params, runs[1], gate(-9.0))
     _, rejected = register_and_promote(params)
-    assert rejected["decision"] == "rejected"
+    assert rejected.decision == "rejected"
     assert not (tmp_path / "mlruns").exists(), "a local store was used instead of the server"
 
     for name in (ADAPTER, MERGED):

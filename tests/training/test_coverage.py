@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from medlora.modeling.presets import NEMOTRON_H_TARGETS, ROUTED_EXPERT_PARAMETERS, TINY_LAYERS
 from medlora.modeling.blocks import block_type_of, params_by_block, trainable_params_by_block
+from medlora.modeling.presets import NEMOTRON_H_TARGETS, ROUTED_EXPERT_PARAMETERS, TINY_LAYERS
 from medlora.training.coverage import (
     CoverageError,
     GradientCoverageCallback,

@@ -10,8 +10,8 @@ import torch
 
 from conftest import example_rows, write_train_report
 from medlora.core.config import MergeConfig, Params, PathsConfig
-from medlora.modeling.presets import NEMOTRON_H_TARGETS
 from medlora.core.contracts import MergeReport
+from medlora.modeling.presets import NEMOTRON_H_TARGETS
 from medlora.training.merge import MergeParityError, batch_logits, merge_adapter, parity_batch
 from medlora.training.merge import run as merge
 

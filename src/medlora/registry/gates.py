@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medlora.core.config import PromoteConfig
-from medlora.core.contracts import ContractError, EvalGate
+from medlora.core.contracts import EvalGate
 
 
 @dataclass(frozen=True)
@@ -188,10 +188,9 @@ def candidate_from_gate(
 
 def champion_from_tags(version: str, tags: dict[str, str]) -> Champion:
     """The champion's metric and value, from the tags its version was registered with."""
-    try:
-        gate = EvalGate.from_tags(tags)
-    except ContractError as error:
-        raise ValueError(f"champion v{version}: {error}; it cannot be compared against") from None
+    if not tags.get("gate.metric"):
+        raise ValueError(f"champion v{version} has no gate.metric tag: it cannot be compared against")
+    gate = EvalGate.from_tags(tags)
     if gate.adapter is None:
         raise ValueError(f"champion v{version} has no gate.adapter tag: it cannot be compared against")
     return Champion(version=str(version), metric=gate.metric, value=gate.adapter)
