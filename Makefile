@@ -39,6 +39,7 @@ test-fast: setup
 lint: setup
 	ruff check src tests pipelines benchmarks
 	ruff format --check src tests pipelines benchmarks
+	lint-imports
 
 format: setup
 	ruff format src tests pipelines benchmarks
@@ -59,6 +60,7 @@ bench: setup
 	OMP_NUM_THREADS=1 python benchmarks/data_throughput.py
 	OMP_NUM_THREADS=1 python benchmarks/eval_throughput.py
 	OMP_NUM_THREADS=1 python benchmarks/train_throughput.py
+	OMP_NUM_THREADS=1 python benchmarks/train_settings.py
 
 clean:
 	rm -rf outputs reports .pytest_cache

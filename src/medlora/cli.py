@@ -8,6 +8,7 @@
     medlora ask "QUESTION" [--options "A|B|C|D"]
     medlora export --alias champion DIR
     medlora plan [--preset NAME] [--gpu-memory 80GiB]
+    medlora replica DIR [--size tiny|small]   # the hub checkpoint's layout at CPU size, built offline
 
 Every handler is here; the work each does lives in the library (data.snapshot, registry.promote, serving, ...).
 """
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--preset", default=None, help="default: model.preset in params")
     plan.add_argument("--gpu-memory", default=None, help='e.g. "80GiB": say whether training fits')
     plan.add_argument("--sequence-length", type=int, default=None)
+    replica = commands.add_parser("replica", help="write an offline replica of the hub checkpoint (tests, GPU check)")
+    replica.add_argument("directory")
+    replica.add_argument("--size", default="tiny", help="tiny | small (see medlora.modeling.replica.REPLICA_SIZES)")
+    replica.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -157,6 +162,13 @@ def plan_command(params: Params, args: argparse.Namespace) -> int:
     return 0 if report["memory_gib"][key]["total_gib"] <= gpu else 3
 
 
+def replica_command(params: Params, args: argparse.Namespace) -> int:
+    from medlora.modeling.replica import build_replica
+
+    print(build_replica(args.directory, args.size, args.seed))
+    return 0
+
+
 HANDLERS: dict[str, Callable[[Params, argparse.Namespace], int]] = {
     "snapshot": snapshot_command,
     "restore": restore_command,
@@ -166,6 +178,7 @@ HANDLERS: dict[str, Callable[[Params, argparse.Namespace], int]] = {
     "ask": ask_command,
     "export": export_command,
     "plan": plan_command,
+    "replica": replica_command,
 }
 
 

@@ -81,9 +81,7 @@ def answer_multiple_choice(
 ) -> tuple[int, list[float]]:
     """(index of the most likely answer, log-likelihood of each answer)."""
     row = question_row(question, options)
-    scores = score_choices(
-        model, tokenizer, scoring_context(tokenizer, row, system_prompt), answer_choices(row)
-    )
+    scores = score_choices(model, tokenizer, scoring_context(tokenizer, row, system_prompt), answer_choices(row))
     return max(range(len(scores)), key=scores.__getitem__), scores
 
 
@@ -93,7 +91,6 @@ def answer_free_form(model: Any, tokenizer: Any, question: str, max_new_tokens: 
     messages = [{"role": "system", "content": FREE_FORM_SYSTEM_PROMPT}, {"role": "user", "content": question}]
     prompt = render_chat(tokenizer, messages, add_generation_prompt=True)
     return generate(model, tokenizer, [prompt], max_new_tokens)[0].strip()
-
 
 
 def vllm_command(base: str, revision: str | None, directory: Path, rank: int) -> str:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 ROWS, STEPS = 200, 4
 
 
-@pytest.mark.slow
 def test_train_settings_smoke(run_benchmark, tmp_path):
     work = tmp_path / "work"
     figures, lines = run_benchmark(

@@ -100,3 +100,17 @@ def test_git_commit_tag_ignores_dvc_lock_but_not_code(tmp_path):
     assert not git_commit(tmp_path).endswith("-dirty")
     (tmp_path / "params.yaml").write_text("train: {max_steps: 1}\n")
     assert git_commit(tmp_path).endswith("-dirty")
+
+
+# Keys whose shipped value differs from the code default on purpose (none today): each default has one home.
+DIFFERENT_ON_PURPOSE: dict[str, str] = {}
+
+
+def test_shipped_params_equal_the_dataclass_defaults():
+    from conftest import PROJECT_ROOT
+    from medlora.core.config import Params, load_params
+
+    shipped, defaults = load_params(PROJECT_ROOT / "params.yaml").flat(), Params().flat()
+    assert set(shipped) == set(defaults)
+    differing = {key for key in defaults if shipped[key] != defaults[key]}
+    assert differing == set(DIFFERENT_ON_PURPOSE), {key: (shipped[key], defaults[key]) for key in differing}

@@ -227,5 +227,3 @@ def load_base_model(base_dir: str | Path, torch_dtype: str | None = None, device
     except OSError as error:
         raise BaseModelUnavailable(f"cannot load base weights from {location}@{revision}: {error}") from error
     return model, tokenizer
-
-
