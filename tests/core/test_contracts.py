@@ -44,7 +44,7 @@ def test_gate_tags_are_strings_and_come_back():
     assert set(tags) == {f"gate.{key}" for key in GATE_TAG_KEYS} and all(isinstance(v, str) for v in tags.values())
     back = EvalGate.from_tags(tags)
     assert (back.metric, back.base, back.adapter, back.merged, back.p_value) == ("task/acc", 0.25, 0.5, 0.49, 1e-3)
-    with pytest.raises(ContractError, match="gate.metric"):
+    with pytest.raises(ContractError, match=r"gate\.metric"):
         EvalGate.from_tags({"gate.base": "1"})
 
 
