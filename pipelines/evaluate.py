@@ -7,9 +7,6 @@ the project's lm-eval tasks (`src/medlora/lm_eval_tasks`) through `lm_eval.simpl
 `evaluate.models`; writes per-sample logs to `paths.eval_dir`, `reports/eval.json` (per model and task figures,
 per-subject accuracy, the `gate` object promotion reads) and `reports/plots/subject_accuracy.png`, and logs them
 to the pipeline's MLflow run (the id in `reports/train.json`).
-
-The library verb `evaluation.harness.run(params)` writes the stage's outputs and returns its report;
-`run_stage` writes the report and logs its summary (see src/medlora/core/stage.py).
 """
 
 from __future__ import annotations

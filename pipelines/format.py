@@ -5,9 +5,6 @@
 Reads `params.format`, the validated train split and the base model's tokenizer; writes
 `paths.formatted_dir/{train,early_stop}.jsonl` (the early-stopping slice is carved from train, never from
 validation) and `reports/format.json` (rows in/kept/dropped/truncated/unlabeled, token-length statistics).
-
-The library verb `modeling.formatting.run(params)` writes the stage's outputs and returns its report;
-`run_stage` writes the report and logs its summary (see src/medlora/core/stage.py).
 """
 
 from __future__ import annotations

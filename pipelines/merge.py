@@ -6,9 +6,6 @@ Reads `params.merge`, the base model, `paths.adapter_dir` and `paths.formatted_d
 batch the logits are compared on). Writes `paths.merged_dir` (full HF model + tokenizer + medlora_base.json with
 `merged: true`) and `reports/merge.json` (`max_abs_logit_diff`, `parity_max_abs_diff`, `success`); logs them to
 the pipeline's MLflow run (`mlflow_run_id` in reports/train.json). Fails when the difference exceeds the threshold.
-
-The library verb `training.merge.run(params)` writes the stage's outputs and returns its report;
-`run_stage` writes the report and logs its summary (see src/medlora/core/stage.py).
 """
 
 from __future__ import annotations

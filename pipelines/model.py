@@ -5,9 +5,6 @@
 tiny-nemotron-h: trains the tokenizer on the validated train split and builds a NemotronH with random weights
 from `model.seed`, saved as a Hugging Face directory. Hub presets: writes the tokenizer and the reference
 (hub id + pinned revision) only; the weights are loaded by `from_pretrained` where training runs.
-
-The library verb `modeling.base_model.run(params)` writes the stage's outputs and returns its report;
-`run_stage` writes the report and logs its summary (see src/medlora/core/stage.py).
 """
 
 from __future__ import annotations

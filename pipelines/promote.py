@@ -5,9 +5,6 @@
 Reads reports/registration.json, reports/eval.json (`gate`), reports/validation.json, reports/train.json and the
 current champion's tags; writes reports/promotion.json (`decision`, `reasons`, champion before and after).
 A rejected candidate is not an error: it stays `challenger` and the stage succeeds.
-
-The library verb `registry.promote.run(params)` writes the stage's outputs and returns its report;
-`run_stage` writes the report and logs its summary (see src/medlora/core/stage.py).
 """
 
 from __future__ import annotations

@@ -6,9 +6,6 @@ Reads reports/train.json (the pipeline's MLflow run), reports/eval.json (`gate`)
 outputs/adapter + outputs/merged directories; registers `register.adapter_name` and `register.merged_name`
 versions (alias `challenger`, or the existing versions when these outputs were registered before) and writes
 reports/registration.json.
-
-The library verb `registry.register.run(params)` writes the stage's outputs and returns its report;
-`run_stage` writes the report and logs its summary (see src/medlora/core/stage.py).
 """
 
 from __future__ import annotations

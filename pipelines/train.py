@@ -8,9 +8,6 @@ Reads `params.lora` (LoraConfig fields + `required_blocks`) and `params.train` (
 `paths.checkpoints_dir` (a killed run started again resumes from the last one), `reports/train.json`
 (`mlflow_run_id`, `trainable_params_by_block`, `coverage`), `reports/train_history.csv` and
 `reports/plots/train_loss.png`. Opens the pipeline's MLflow run; later stages reopen it.
-
-The library verb `training.train.run(params)` writes the stage's outputs and returns its report;
-`run_stage` writes the report and logs its summary (see src/medlora/core/stage.py).
 """
 
 from __future__ import annotations

@@ -6,9 +6,6 @@ Reads `params.yaml` (`validate`, `paths`). Writes outputs/validated/{split}.json
 outputs/quarantine/{split}.jsonl (flagged rows with their reasons) and reports/validation.json.
 Exits non-zero, naming file, line and problem, when a snapshot file cannot be parsed; and, under
 `validate.on_error: fail`, when any rule flags a row.
-
-The library verb `data.validation.run(params)` writes the stage's outputs and returns its report;
-`run_stage` writes the report and logs its summary (see src/medlora/core/stage.py).
 """
 
 from __future__ import annotations

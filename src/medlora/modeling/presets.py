@@ -12,19 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from medlora.core.config import LoraParams
+
 logger = logging.getLogger(__name__)
 
 # Nemotron-H's LoRA targets: attention q/k/v/o, Mamba in_proj, MoE shared-expert up/down. Never out_proj or
 # conv1d (PEFT refuses them on Mamba models; the fused GPU kernel reads out_proj.weight directly).
-NEMOTRON_H_TARGETS: tuple[str, ...] = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "in_proj",
-    "up_proj",
-    "down_proj",
-)
+NEMOTRON_H_TARGETS: tuple[str, ...] = LoraParams().target_modules  # params.yaml's default is this list
 ROUTED_EXPERT_PARAMETERS: tuple[str, ...] = ("mixer.experts.up_proj", "mixer.experts.down_proj")
 
 
