@@ -112,3 +112,23 @@ def write_train_report(reports_dir: str | Path, run_id: str | None, coverage_pas
         inputs_hash="test",
         mlflow_run_id=run_id,
     ).write(reports_dir)
+
+
+@pytest.fixture(scope="session")
+def replica_dir(tmp_path_factory) -> Path:
+    """An offline replica of the hub checkpoint (bf16 shards, `backbone.` names, no pad token, thinking template)."""
+    from medlora.modeling.replica import build_replica
+
+    return build_replica(tmp_path_factory.mktemp("replica") / "nemotron", "tiny")
+
+
+@pytest.fixture(scope="session")
+def replica_base_dir(replica_dir, tmp_path_factory) -> Path:
+    """The `model` stage's output for the production preset pointed at the replica: tokenizer + reference only."""
+    from medlora.core.config import ModelConfig
+    from medlora.modeling.base_model import build_base_model
+
+    out = tmp_path_factory.mktemp("replica_base") / "base_model"
+    config = ModelConfig(preset="nemotron-3-nano-30b-a3b", name_or_path=str(replica_dir), torch_dtype="bfloat16")
+    build_base_model(config, example_rows(40), out)
+    return out

@@ -55,7 +55,7 @@ def test_merged_model_reloads_with_the_adapter_models_logits(tmp_path, tiny_base
     from medlora.modeling.base_model import load_base_model, read_base_reference
 
     merged_dir = tmp_path / "merged"
-    report = merge_adapter(tiny_base_dir, adapter_dir, merged_dir, parity_file, threshold=1e-4)
+    report = merge_adapter(tiny_base_dir, adapter_dir, merged_dir, parity_file, MergeConfig(parity_max_abs_diff=1e-4))
     assert report.success and report.max_abs_logit_diff < 1e-4 and report.parity_rows == 8
 
     # Independently: a fresh process-style reload of the merged dir against base + adapter.
@@ -74,8 +74,10 @@ def test_merged_model_reloads_with_the_adapter_models_logits(tmp_path, tiny_base
 
 
 def test_parity_failure_leaves_no_merged_output(tmp_path, tiny_base_dir, adapter_dir, parity_file):
-    with pytest.raises(MergeParityError, match="differ from the adapter model's") as caught:
-        merge_adapter(tiny_base_dir, adapter_dir, tmp_path / "merged", parity_file, threshold=0.0)
+    with pytest.raises(MergeParityError, match="differs from the adapter model: max_abs_logit_diff") as caught:
+        merge_adapter(
+            tiny_base_dir, adapter_dir, tmp_path / "merged", parity_file, MergeConfig(parity_max_abs_diff=0.0)
+        )
     assert caught.value.report.success is False and caught.value.report.max_abs_logit_diff > 0
     assert not (tmp_path / "merged").exists()
 
@@ -106,3 +108,73 @@ def test_merge_stage_writes_report_and_logs_to_the_pipeline_run(tmp_path, tiny_b
     client = mlflow.MlflowClient(tracking.tracking_uri(tmp_path / "mlruns"))
     logged = client.get_run(run_id).data.metrics["max_abs_logit_diff"]
     assert logged == pytest.approx(report.max_abs_logit_diff)
+
+
+@pytest.fixture(scope="module")
+def replica_adapter(replica_base_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(adapter dir, parity file) on the bf16 replica: a LoRA adapter large enough that losing it shows."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from medlora.core.config import FormatConfig
+    from medlora.core.io import write_jsonl
+    from medlora.modeling.base_model import load_base_model
+    from medlora.modeling.formatting import render_example
+
+    model, tokenizer = load_base_model(replica_base_dir)
+    assert tokenizer.pad_token is None and next(model.parameters()).dtype == torch.bfloat16
+    torch.manual_seed(1)
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=list(NEMOTRON_H_TARGETS), init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(0.3)
+    out = tmp_path_factory.mktemp("replica_adapter")
+    peft_model.save_pretrained(out / "adapter")
+    tokenizer.save_pretrained(out / "adapter")
+    chat = AutoTokenizer.from_pretrained(replica_base_dir)
+    write_jsonl(out / "early_stop.jsonl", [render_example(row, chat, FormatConfig()) for row in example_rows(8)])
+    return out / "adapter", out / "early_stop.jsonl"
+
+
+def test_bf16_merge_keeps_the_checkpoint_layout_and_passes_parity(
+    replica_dir, replica_base_dir, replica_adapter, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    from medlora.modeling.checkpoint import checkpoint_files, layout_difference, read_layout
+
+    adapter, parity = replica_adapter
+    report = merge_adapter(replica_base_dir, adapter, tmp_path / "merged", parity, MergeConfig())
+    assert report.success and report.dtype == "bfloat16" and report.parity_metric == "mean_abs_answer_logprob_diff"
+    assert report.mean_abs_answer_logprob_diff < MergeConfig().parity_max_answer_logprob_diff
+    # The layout vLLM and TensorRT-LLM load: every name, shape and dtype of the hub checkpoint (F32 A_log/D kept).
+    expected = read_layout(checkpoint_files(replica_dir))
+    assert layout_difference(expected, read_layout(checkpoint_files(tmp_path / "merged"))) == []
+    assert {dtype for dtype, _ in expected.values()} == {"BF16", "F32"}
+    assert (tmp_path / "merged" / "config.json").read_bytes() == (replica_dir / "config.json").read_bytes()
+    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+@pytest.mark.parametrize("broken", ["adapter dropped", "scale doubled"])
+def test_broken_bf16_merges_fail_parity(replica_base_dir, replica_adapter, tmp_path, monkeypatch, broken):
+    from peft.tuners.tuners_utils import BaseTuner  # what PeftModel.merge_and_unload delegates to
+
+    adapter, parity = replica_adapter
+    original = BaseTuner.merge_and_unload
+
+    def broken_merge(self, *args, **kwargs):
+        if broken == "adapter dropped":
+            return self.unload()
+        for module in self.modules():
+            if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+                module.scaling = {key: 2 * value for key, value in module.scaling.items()}
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(BaseTuner, "merge_and_unload", broken_merge)
+    with pytest.raises(MergeParityError, match="mean_abs_answer_logprob_diff") as caught:
+        merge_adapter(replica_base_dir, adapter, tmp_path / "merged", parity, MergeConfig())
+    assert caught.value.report.mean_abs_answer_logprob_diff > 4 * MergeConfig().parity_max_answer_logprob_diff
+    assert not (tmp_path / "merged").exists()

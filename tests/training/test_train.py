@@ -78,14 +78,54 @@ def stage_params(root: Path, base_dir: Path, formatted: Path, lora: dict | None 
 
 def test_cpu_fallbacks_replace_gpu_only_options_with_one_logged_line(caplog):
     overrides, notes = cpu_fallbacks(TrainConfig(optim="adamw_8bit", bf16=True), has_gpu=False)
-    assert overrides == {"optim": "adamw_torch", "bf16": False} and len(notes) == 2
+    assert overrides == {"optim": "adamw_torch"} and len(notes) == 1  # bf16 stays: use_cpu=True runs it on a CPU
     assert cpu_fallbacks(TrainConfig(optim="adamw_8bit", bf16=True), has_gpu=True) == ({}, [])
     with caplog.at_level(logging.WARNING, logger="medlora.training.backends"):
-        # Without the fallback, SFTConfig itself refuses bf16 on a CPU.
         args = sft_config(TrainConfig(optim="adamw_8bit", bf16=True), "unused", has_gpu=False)
-    assert args.optim == "adamw_torch" and args.bf16 is False
+    assert args.optim == "adamw_torch" and args.bf16 is True and args.use_cpu is True
     lines = [r.getMessage() for r in caplog.records if r.name == "medlora.training.backends"]
-    assert lines == ["no GPU: optim adamw_8bit -> adamw_torch, bf16 -> float32"]
+    assert lines == ["no GPU: optim adamw_8bit -> adamw_torch (bitsandbytes needs CUDA)"]
+
+
+def test_gpu_run_without_kernels_or_bitsandbytes_is_refused_before_loading(monkeypatch):
+    """The CUDA boundary: on a GPU the missing packages are named with the install command; on a CPU nothing."""
+    import importlib.util
+
+    from medlora.training.backends import check_gpu_requirements
+
+    installed = {"mamba_ssm": False, "causal_conv1d": False, "bitsandbytes": False}
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if installed.get(name) else (
+            None if name in installed else real_find_spec(name, *a))
+    )  # fmt: skip
+    production = TrainConfig(optim="adamw_8bit")
+    check_gpu_requirements(production, "nemotron_h", has_gpu=False)  # CPU: the torch scan and adamw_torch
+    with pytest.raises(RuntimeError, match=r"without mamba_ssm, causal_conv1d.*pip install -e '\.\[gpu\]'"):
+        check_gpu_requirements(production, "nemotron_h", has_gpu=True)
+    check_gpu_requirements(TrainConfig(), "llama", has_gpu=True)  # not a Mamba hybrid, adamw_torch
+    installed.update(mamba_ssm=True, causal_conv1d=True)
+    with pytest.raises(RuntimeError, match="adamw_8bit needs bitsandbytes"):
+        check_gpu_requirements(production, "nemotron_h", has_gpu=True)
+    installed.update(mamba_ssm=False, bitsandbytes=True)
+    check_gpu_requirements(
+        dataclasses.replace(production, allow_reference_mamba_scan=True), "nemotron_h", has_gpu=True
+    )
+
+
+def test_gpu_check_runs_before_any_weights_load(tmp_path, tiny_base_dir, formatted_dir, monkeypatch):
+    import torch
+
+    from medlora.training import backends
+    from medlora.training.train import run as train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "load_peft_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    monkeypatch.setattr("accelerate.PartialState.__init__", lambda self, cpu=False: None)
+    monkeypatch.setattr("accelerate.PartialState.is_main_process", True, raising=False)
+    monkeypatch.setattr("accelerate.PartialState.wait_for_everyone", lambda self: None)
+    with pytest.raises(RuntimeError, match="slow reference Mamba scan"):
+        train(stage_params(tmp_path, tiny_base_dir, formatted_dir))
 
 
 def test_sft_config_takes_train_params_under_their_own_names():

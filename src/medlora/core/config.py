@@ -118,11 +118,13 @@ class TrainConfig:
     seed: int = 42
     loss_explosion_factor: float = 10.0
     gpu_memory: str | None = None
+    allow_reference_mamba_scan: bool = False  # on a GPU without mamba-ssm: train through the slow torch scan anyway
 
 
 @dataclass(frozen=True)
 class MergeConfig:
-    parity_max_abs_diff: float = 1e-4
+    parity_max_abs_diff: float = 1e-4  # float32: max |logit difference|, adapter vs reloaded merged model
+    parity_max_answer_logprob_diff: float = 0.05  # bf16/fp16: mean |difference| of answer-token log-probs (nats)
 
 
 @dataclass(frozen=True)

@@ -240,6 +240,10 @@ class MergeReport(Report):
     parity_rows: int
     parity_tokens: int
     success: bool
+    dtype: str = "float32"
+    mean_abs_answer_logprob_diff: float | None = None
+    parity_metric: str = "max_abs_logit_diff"  # the figure the dtype's tolerance applies to
+    parity_threshold: float | None = None
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:

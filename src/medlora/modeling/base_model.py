@@ -212,6 +212,41 @@ def torch_dtype_of(name: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad with: the tokenizer's pad token, else its end-of-sequence token, as TRL's SFTTrainer falls back.
+
+    Nemotron-3's tokenizer defines no pad token (`torch.full(..., None)` would raise). Padded positions are masked
+    out wherever this is used, so which token fills them does not change a result. Raises ValueError with neither.
+    """
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if isinstance(candidate, list):
+            candidate = candidate[0] if candidate else None
+        if candidate is not None:
+            return int(candidate)
+    raise ValueError("the tokenizer has neither a pad nor an end-of-sequence token: nothing to pad with")
+
+
+def device_map() -> Any:
+    """Where `from_pretrained` puts the weights: "auto" (spread over the GPUs, offloading what does not fit) on a GPU,
+    None (the CPU) otherwise. Under DDP each rank holds a whole copy on its own GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from accelerate import PartialState
+
+    state = PartialState()
+    return {"": state.local_process_index} if state.num_processes > 1 else "auto"
+
+
+def model_type_of(base_dir: str | Path) -> str:
+    """The base's `model_type` (nemotron_h, ...) from its config.json alone: no weights are read."""
+    from transformers import AutoConfig
+
+    location, revision = weights_location(base_dir)
+    return str(AutoConfig.from_pretrained(location, revision=revision).model_type)
+
+
 def load_base_model(base_dir: str | Path, torch_dtype: str | None = None, device_map: Any = None) -> tuple[Any, Any]:
     """(model, tokenizer) for the base in `base_dir`, through `from_pretrained` for every preset."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

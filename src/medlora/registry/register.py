@@ -33,10 +33,15 @@ logger = logging.getLogger(__name__)
 
 
 def pip_requirements() -> list[str]:
-    """Pinned requirements of a registered model (explicit: MLflow's inference adds torchvision, FINDINGS)."""
+    """Pinned requirements of a registered model (explicit: MLflow's inference adds torchvision, FINDINGS).
+
+    medlora itself comes first: the adapter's models-from-code file runs without it, but a version is only known
+    to behave as tested next to the medlora that registered it (and medlora code that loads it uses its types).
+    Local version suffixes (torch's `+cpu`) are dropped: PyPI has no such file.
+    """
     from importlib.metadata import version
 
-    packages = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "mlflow")
+    packages = ("medlora", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "mlflow")
     return [f"{name}=={version(name).split('+')[0]}" for name in packages]
 
 

@@ -27,7 +27,12 @@ UNSLOTH_HINT = (
     "except torch/torchvision/xformers (scripts/unsloth_env.sh lists how)"
 )
 LORA_OWN_KEYS = {"required_blocks"}  # lora.* keys that feed our coverage gate, not LoraConfig
-TRAIN_OWN_KEYS = {"backend", "loss_explosion_factor", "gpu_memory"}  # train.* keys that feed us, not SFTConfig
+TRAIN_OWN_KEYS = {
+    "backend",
+    "loss_explosion_factor",
+    "gpu_memory",
+    "allow_reference_mamba_scan",
+}  # train.* keys that feed us, not SFTConfig
 
 
 class UnslothUnavailable(RuntimeError):
@@ -88,19 +93,49 @@ def batching(train: TrainConfig, model_config: Any, has_gpu: bool) -> str:
 
 
 def cpu_fallbacks(train: TrainConfig, has_gpu: bool) -> tuple[dict[str, Any], list[str]]:
-    """SFTConfig overrides for options that only make sense on a GPU, and what each changed. Pure."""
+    """SFTConfig overrides for options that only exist on a GPU, and what each changed. Pure.
+
+    bf16 is not among them: with `use_cpu=True` the Trainer runs bf16 autocast on a CPU, so the production params
+    train in the checkpoint's dtype here too (slowly), and the replica test exercises the dtype the GPU run uses.
+    """
     if has_gpu:
         return {}, []
     overrides: dict[str, Any] = {}
     notes = []
     if "8bit" in train.optim or train.optim.startswith("paged_"):
         overrides["optim"] = "adamw_torch"
-        notes.append(f"optim {train.optim} -> adamw_torch")
-    if train.bf16:
-        # bf16 on CPU would need use_cpu=True and is emulated on most CPUs: float32 instead.
-        overrides["bf16"] = False
-        notes.append("bf16 -> float32")
+        notes.append(f"optim {train.optim} -> adamw_torch (bitsandbytes needs CUDA)")
     return overrides, notes
+
+
+KERNEL_INSTALL = (
+    "pip install -e '.[gpu]'   # mamba-ssm + causal-conv1d, built against your CUDA torch (README: GPU installs)"
+)
+
+
+def check_gpu_requirements(train: TrainConfig, model_type: str, has_gpu: bool) -> None:
+    """Before any weights are loaded: refuse a GPU run that would crawl or crash later.
+
+    - NemotronH (and other Mamba hybrids) without the CUDA kernels falls back to transformers' reference torch scan:
+      correct, but much slower, and its temporaries are estimated at tens of GiB per Mamba layer at batch 4 x 1024;
+      refused unless `train.allow_reference_mamba_scan` says so.
+    - `optim: adamw_8bit` (any bitsandbytes optimizer) without bitsandbytes fails after loading 60 GB otherwise.
+    Raises RuntimeError with the install command. On a CPU nothing applies (cpu_fallbacks).
+    """
+    if not has_gpu:
+        return
+    missing = [name for name in ("mamba_ssm", "causal_conv1d") if importlib.util.find_spec(name) is None]
+    if model_type in SSM_HYBRID_MODEL_TYPES and missing and not train.allow_reference_mamba_scan:
+        raise RuntimeError(
+            f"{model_type} on a GPU without {', '.join(missing)}: transformers would run the slow reference Mamba "
+            f"scan (tens of GiB of temporaries per layer). Install the kernels: {KERNEL_INSTALL}; or set "
+            "train.allow_reference_mamba_scan: true to accept the slow path"
+        )
+    if ("8bit" in train.optim or train.optim.startswith("paged_")) and importlib.util.find_spec("bitsandbytes") is None:
+        raise RuntimeError(
+            f"train.optim {train.optim} needs bitsandbytes, which is not installed: {KERNEL_INSTALL} "
+            "(the gpu extra includes it), or set train.optim: adamw_torch"
+        )
 
 
 def lora_kwargs(lora: LoraParams) -> dict[str, Any]:
@@ -171,7 +206,7 @@ def load_formatted(path: str | Path) -> Any:
 
 
 def load_peft_model(
-    backend: str, base_dir: str | Path, lora: LoraParams, train: TrainConfig, has_gpu: bool
+    backend: str, base_dir: str | Path, lora: LoraParams, train: TrainConfig, has_gpu: bool, max_seq_length: int = 2048
 ) -> tuple[Any, Any]:
     """(PEFT model, tokenizer) through the chosen backend; on CPU the weights are loaded as float32.
 
@@ -179,7 +214,7 @@ def load_peft_model(
     """
     from transformers import AutoTokenizer, set_seed
 
-    from medlora.modeling.base_model import load_base_model, weights_location
+    from medlora.modeling.base_model import device_map, load_base_model, weights_location
 
     kwargs = lora_kwargs(lora)
     set_seed(train.seed)  # the same LoRA initialisation for the same params
@@ -191,6 +226,7 @@ def load_peft_model(
         model, _ = FastLanguageModel.from_pretrained(
             model_name=location,
             revision=revision,
+            max_seq_length=max_seq_length,  # format.max_length: every formatted row already fits it
             dtype=None if has_gpu else torch.float32,
             load_in_4bit=False,
             use_gradient_checkpointing=train.gradient_checkpointing,
@@ -201,7 +237,8 @@ def load_peft_model(
         return model, AutoTokenizer.from_pretrained(str(base_dir))
     from peft import LoraConfig, get_peft_model
 
-    model, tokenizer = load_base_model(base_dir, torch_dtype=None if has_gpu else "float32")
+    # The checkpoint's dtype on CPU and GPU alike (bf16 for Nemotron-3-Nano); PEFT keeps the adapters in float32.
+    model, tokenizer = load_base_model(base_dir, device_map=device_map())
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **kwargs)), tokenizer
 
 

@@ -23,6 +23,7 @@ from medlora.core.config import Params
 from medlora.core.contracts import TrainReport
 from medlora.core.io import atomic_directory
 from medlora.modeling import blocks
+from medlora.modeling.base_model import model_type_of
 from medlora.training import backends
 from medlora.training.resume import ResumePlan, mark_checkpoint_callback, plan_resume
 
@@ -46,8 +47,10 @@ def gated_model(params: Params, backend: str, has_gpu: bool, plan: ResumePlan) -
 
     if params.train.gpu_memory:
         refuse_if_over_memory(params)
+    if has_gpu:  # before any weights are loaded: 60 GB later is the wrong moment to learn a kernel is missing
+        backends.check_gpu_requirements(params.train, model_type_of(params.paths.base_model_dir), has_gpu)
     model, tokenizer = backends.load_peft_model(
-        backend, params.paths.base_model_dir, params.lora, params.train, has_gpu
+        backend, params.paths.base_model_dir, params.lora, params.train, has_gpu, params.format.max_length
     )
     counts = blocks.trainable_params_by_block(model)
     verdict = coverage.check_coverage(
