@@ -111,7 +111,10 @@ def test_export_writes_a_loadable_adapter_and_the_vllm_command(champion_project,
     target = tmp_path / "export"
     assert export_command(load_params(champion_project), SimpleNamespace(alias="champion", directory=str(target))) == 0
     command = capsys.readouterr().out.strip()
-    assert command == f"vllm serve {target / 'base_model'} --enable-lora --lora-modules medlora={target}"
+    assert command == (
+        f"vllm serve {target / 'base_model'} --enable-lora --lora-modules medlora={target}"
+        """ --default-chat-template-kwargs '{"enable_thinking": false}'"""
+    )
     manifest = json.loads((target / "medlora_export.json").read_text())
     assert (manifest["version"], manifest["alias"], manifest["vllm_command"]) == ("1", "champion", command)
     for name in ("adapter_config.json", "adapter_model.safetensors", "medlora_base.json", "tokenizer.json"):

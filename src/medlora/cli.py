@@ -150,7 +150,7 @@ def plan_command(params: Params, args: argparse.Namespace) -> int:
     from medlora.modeling.planning import parse_memory, plan, render_plan
 
     report = plan(params, args.preset, args.sequence_length)
-    gpu = parse_memory(args.gpu_memory) if args.gpu_memory else None
+    gpu = parse_memory(args.gpu_memory) if args.gpu_memory else report["gpu"]["memory_gib"]  # else: from torch
     print(render_plan(report, gpu))
     if gpu is None:
         return 0

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 FREE_FORM_SYSTEM_PROMPT = "You are a medical expert. Answer the question."
 EXPORT_BASE_DIR = "base_model"
 VLLM_DEFAULT_MAX_LORA_RANK = 16
+CHAT_TEMPLATE_KWARGS = {"enable_thinking": False}
 
 
 def champion_version(params: Params, alias: str) -> str:
@@ -101,7 +102,9 @@ def vllm_command(base: str, revision: str | None, directory: Path, rank: int) ->
     command += f" --enable-lora --lora-modules medlora={directory}"
     if rank > VLLM_DEFAULT_MAX_LORA_RANK:
         command += f" --max-lora-rank {rank}"
-    return command
+    # Thinking off, as in training and evaluation (prompts.render_chat): Nemotron-3's template otherwise opens a
+    # <think> block the adapter was never trained to fill. Templates without the switch ignore it.
+    return command + f" --default-chat-template-kwargs '{json.dumps(CHAT_TEMPLATE_KWARGS)}'"
 
 
 def export_adapter(params: Params, alias: str, directory: str | Path) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from medlora.core.config import LoraParams, Params
@@ -222,6 +223,9 @@ def preset_config(params: Params, preset_name: str) -> Any:
     from medlora.modeling.presets import TINY_VOCAB, published_config, tiny_nemotron_h_config
 
     preset = get_preset(preset_name)
+    local = params.model.name_or_path
+    if local and Path(local).is_dir():  # a local copy (or the offline replica) is the architecture that will train
+        return AutoConfig.from_pretrained(local)
     if preset.architecture_config is not None:
         return published_config(preset_name)
     if preset.hub_id is None and preset.name == "tiny-nemotron-h":

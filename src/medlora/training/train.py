@@ -45,7 +45,7 @@ def gated_model(params: Params, backend: str, has_gpu: bool, plan: ResumePlan) -
     # coverage and monitoring import transformers: only after backends.resolve_backend (unsloth patches it first).
     from medlora.training import coverage
 
-    if params.train.gpu_memory:
+    if params.train.gpu_memory or has_gpu:  # on a GPU its memory is read from torch when not declared
         refuse_if_over_memory(params)
     if has_gpu:  # before any weights are loaded: 60 GB later is the wrong moment to learn a kernel is missing
         backends.check_gpu_requirements(params.train, model_type_of(params.paths.base_model_dir), has_gpu)
@@ -194,11 +194,14 @@ def log_run(report: TrainReport, reports: Path, log_history: list[dict[str, Any]
 
 def refuse_if_over_memory(params: Params) -> None:
     """Before loading any weights: stop when `medlora plan`'s estimate exceeds the declared `train.gpu_memory`."""
-    from medlora.modeling.planning import check_fits, parse_memory, plan
+    from medlora.modeling.planning import check_fits, plan
 
     estimate = plan(params)
-    check_fits(estimate, parse_memory(params.train.gpu_memory), params.train.gradient_checkpointing)
-    logger.info("memory plan fits train.gpu_memory %s", params.train.gpu_memory)
+    gpu_gib, source = estimate["gpu"]["memory_gib"], estimate["gpu"]["source"]
+    if gpu_gib is None:
+        return
+    check_fits(estimate, gpu_gib, params.train.gradient_checkpointing)
+    logger.info("memory plan fits the GPU's %.1f GiB (%s)", gpu_gib, source)
 
 
 def ranks_agreement(model: Any, distributed: Any) -> dict[str, Any]:
