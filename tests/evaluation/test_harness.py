@@ -366,3 +366,28 @@ def test_validation_split_never_feeds_training(project, tiny_base_dir, tmp_path)
         if dep == "${paths.validated_dir}" or "validation.jsonl" in str(dep)
     ]
     assert readers == ["evaluate"]
+
+
+def test_hub_task_is_the_builtin_one_with_the_dataset_revision_pinned(project):
+    """Up to the network boundary: the task lm-eval would download for `evaluate.source: hub`."""
+    tasks = resolve_tasks(project_params(project, source="hub").evaluate)
+    manager = build_task_manager(tasks, project / "outputs/validated/validation.jsonl", project, "sys", "abc123")
+    config = manager._entry("medmcqa").cfg
+    assert config["dataset_path"] == "openlifescienceai/medmcqa" and config["dataset_kwargs"] == {"revision": "abc123"}
+    assert config["doc_to_text"].endswith("utils_medmcqa.doc_to_text") and config["test_split"] == "validation"
+    with pytest.raises(EvaluationError, match="needs snapshot.revision"):
+        build_task_manager(tasks, project / "outputs/validated/validation.jsonl", project, "sys", None)
+
+
+def test_a_tokenizer_longer_than_the_embeddings_is_refused(project, tmp_path):
+    from transformers import AutoTokenizer
+
+    from medlora.evaluation.harness import check_vocab_fits
+
+    base = project / "outputs/base_model"
+    check_vocab_fits(base, str(base), None)  # the model stage's own tokenizer fits
+    longer = AutoTokenizer.from_pretrained(base)
+    longer.add_tokens([f"<extra_{i}>" for i in range(64)])
+    longer.save_pretrained(tmp_path / "longer")
+    with pytest.raises(EvaluationError, match=r"has \d+ tokens but .* embeds only \d+"):
+        check_vocab_fits(tmp_path / "longer", str(base), None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -29,6 +30,8 @@ from registry.test_register import ADAPTER, gate, max_diff, pipeline_run, projec
 PROMPT = "Question: Which drug causes cinchonism?\nAnswer:"
 NEW_TOKENS = 6
 MODEL_URI = f"models:/{ADAPTER}/1"
+
+logger = logging.getLogger(__name__)
 
 # Runs in a fresh interpreter: argv = model uri, token ids (JSON), prompt, max_new_tokens, "block" or "allow".
 FRESH_PROCESS = r"""
@@ -182,7 +185,7 @@ def test_a_fresh_process_loads_the_registered_adapter_with_the_trained_logits(re
     if medlora == "block":
         assert result["medlora_after_load"] == []  # standalone: torch, transformers, peft and mlflow suffice
     difference = max_diff(torch.tensor(result["logits"]), run["logits"])
-    print(f"fresh process (medlora {medlora}): max abs logit difference {difference:.3g}, {seconds:.1f} s")
+    logger.info("fresh process (medlora %s): max abs logit difference %.3g, %.1f s", medlora, difference, seconds)
     assert difference < 1e-4
     assert result["answer"] == run["answer"]
 

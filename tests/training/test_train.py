@@ -108,9 +108,7 @@ def test_gpu_run_without_kernels_or_bitsandbytes_is_refused_before_loading(monke
     with pytest.raises(RuntimeError, match="adamw_8bit needs bitsandbytes"):
         check_gpu_requirements(production, "nemotron_h", has_gpu=True)
     installed.update(mamba_ssm=False, bitsandbytes=True)
-    check_gpu_requirements(
-        dataclasses.replace(production, allow_reference_mamba_scan=True), "nemotron_h", has_gpu=True
-    )
+    check_gpu_requirements(dataclasses.replace(production, allow_reference_mamba_scan=True), "nemotron_h", has_gpu=True)
 
 
 def test_gpu_check_runs_before_any_weights_load(tmp_path, tiny_base_dir, formatted_dir, monkeypatch):

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from medlora.core.config import EvaluateConfig, Params
 from medlora.core.contracts import EvalReport, StageFailed
@@ -73,19 +76,54 @@ def resolve_primary_metric(params: Params, tasks: list[str]) -> str:
     return f"{task}/{name}"
 
 
-def build_task_manager(tasks: list[str], validation_file: str | Path, tokenizer_dir: str | Path, system_prompt: str):
-    """A TaskManager indexing only the project's tasks (plus lm-eval's medmcqa folder when `medmcqa` is asked)."""
+def pinned_hub_task_dir(revision: str | None) -> Path:
+    """A folder holding lm-eval's built-in `medmcqa` task with the dataset revision pinned (`dataset_kwargs`).
+
+    The built-in task loads `openlifescienceai/medmcqa` at whatever the hub's main branch is that day; a number in a
+    report needs the data it was computed on, so the task is included unchanged and only the revision is added.
+    """
+    builtin = Path(importlib.util.find_spec("lm_eval.tasks").origin).parent / HUB_TASK / f"{HUB_TASK}.yaml"
+    folder = Path(tempfile.mkdtemp(prefix="medlora-lm-eval-"))
+    config = {"task": HUB_TASK, "include": str(builtin), "dataset_kwargs": {"revision": revision}}
+    (folder / f"{HUB_TASK}.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    return folder
+
+
+def build_task_manager(
+    tasks: list[str],
+    validation_file: str | Path,
+    tokenizer_dir: str | Path,
+    system_prompt: str,
+    hub_revision: str | None = None,
+):
+    """A TaskManager indexing only the project's tasks (plus the built-in `medmcqa`, pinned, when it is asked)."""
     from lm_eval.tasks import TaskManager
 
     include = [str(TASKS_DIR)]
     if HUB_TASK in tasks:
-        include.append(str(Path(importlib.util.find_spec("lm_eval.tasks").origin).parent / "medmcqa"))
+        if not hub_revision:
+            raise EvaluationError("evaluate.source: hub needs snapshot.revision (a dataset commit) to pin the data")
+        include.append(str(pinned_hub_task_dir(hub_revision)))
     metadata = {
         "validation_file": str(Path(validation_file).resolve()),
         "tokenizer": str(Path(tokenizer_dir).resolve()),
         "system_prompt": system_prompt,
     }
     return TaskManager(include_path=include, include_defaults=False, metadata=metadata)
+
+
+def check_vocab_fits(tokenizer_dir: str | Path, location: str, revision: str | None) -> None:
+    """lm-eval resizes the embeddings when the tokenizer is longer than the model's vocabulary, silently scoring a
+    different model: refuse instead, naming both sizes."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokens = len(AutoTokenizer.from_pretrained(str(tokenizer_dir)))
+    vocab = AutoConfig.from_pretrained(location, revision=revision).vocab_size
+    if tokens > vocab:
+        raise EvaluationError(
+            f"the tokenizer in {tokenizer_dir} has {tokens} tokens but {location} embeds only {vocab}: lm-eval would "
+            "resize the embeddings and score another model; use the tokenizer the model was trained with"
+        )
 
 
 def preflight_tasks(task_manager: Any, tasks: list[str]) -> dict[str, int]:
@@ -212,7 +250,11 @@ def run(params: Params) -> EvalReport:
         raise EvaluationError(f"{validation_file} is missing: run the validate stage first")
     check_backend_available(config.backend)
     arguments = {model: model_arguments(model, params) for model in config.models}
-    manager = build_task_manager(tasks, validation_file, paths.base_model_dir, params.format.system_prompt)
+    for _, args in arguments.values():
+        check_vocab_fits(args.get("tokenizer", paths.base_model_dir), args["pretrained"], args.get("revision"))
+    manager = build_task_manager(
+        tasks, validation_file, paths.base_model_dir, params.format.system_prompt, params.snapshot.revision
+    )
     counts = preflight_tasks(manager, tasks)
     logger.info("evaluating %s on %s (questions per task: %s, limit %s)", list(arguments), tasks, counts, config.limit)
     runs: dict[str, dict[str, Any]] = {}
