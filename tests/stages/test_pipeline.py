@@ -17,6 +17,8 @@ import pytest
 import yaml
 from tests.conftest import PROJECT_ROOT
 
+from medlora.core.io import sha256_file
+
 pytestmark = pytest.mark.slow
 
 SMALL = {
@@ -95,6 +97,16 @@ def test_first_run_promotes_adapter_and_merged_champions_from_one_run(project):
     assert adapter.run_id == merged.run_id == train_run
     for png in ("train_loss.png", "subject_accuracy.png"):
         assert (root / "reports" / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    # The merged weights exist in outputs/ and once more in MLflow's artifact store (the registered version), never
+    # a third time in the DVC cache: 2 bytes written per weight byte (3 before dvc.yaml's `cache: false`).
+    merged = {sha256_file(p): p.stat().st_size for p in (root / "outputs" / "merged").glob("*.safetensors")}
+    elsewhere = [
+        path
+        for folder in (root / ".dvc" / "cache", root / "mlruns")
+        for path in folder.rglob("*")
+        if path.is_file() and path.stat().st_size in merged.values() and sha256_file(path) in merged
+    ]
+    assert len(elsewhere) == len(merged) and all("mlruns" in path.parts for path in elsewhere), elsewhere
     metrics = run(["dvc", "metrics", "show", "--json"], root, env)
     assert "uplift" in metrics and "rows_kept" in metrics
 

@@ -178,3 +178,38 @@ def test_broken_bf16_merges_fail_parity(replica_base_dir, replica_adapter, tmp_p
         merge_adapter(replica_base_dir, adapter, tmp_path / "merged", parity, MergeConfig())
     assert caught.value.report.mean_abs_answer_logprob_diff > 4 * MergeConfig().parity_max_answer_logprob_diff
     assert not (tmp_path / "merged").exists()
+
+
+def test_the_adapter_model_is_freed_before_the_merged_copy_loads(
+    tmp_path, tiny_base_dir, adapter_dir, parity_file, monkeypatch
+):
+    """One model in memory at a time: with 60 GB of weights, a second live copy is what runs a host out of memory."""
+    import gc
+    import weakref
+
+    from peft import PeftModel
+
+    from medlora.training import merge as merge_module
+
+    alive: list[weakref.ref] = []
+    original_from_pretrained, original_load = PeftModel.from_pretrained, merge_module.load_base_model
+
+    def tracked_from_pretrained(*args, **kwargs):
+        model = original_from_pretrained(*args, **kwargs)
+        alive.append(weakref.ref(model))
+        alive.append(weakref.ref(model.get_base_model()))
+        return model
+
+    calls = []
+
+    def tracked_load(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:  # the reload of the merged directory
+            gc.collect()
+            assert alive and all(ref() is None for ref in alive), "the adapter model is still in memory"
+        return original_load(*args, **kwargs)
+
+    monkeypatch.setattr(PeftModel, "from_pretrained", tracked_from_pretrained)
+    monkeypatch.setattr(merge_module, "load_base_model", tracked_load)
+    merge_adapter(tiny_base_dir, adapter_dir, tmp_path / "merged", parity_file, MergeConfig())
+    assert len(calls) == 2

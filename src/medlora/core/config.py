@@ -125,6 +125,7 @@ class TrainConfig:
 class MergeConfig:
     parity_max_abs_diff: float = 1e-4  # float32: max |logit difference|, adapter vs reloaded merged model
     parity_max_answer_logprob_diff: float = 0.05  # bf16/fp16: mean |difference| of answer-token log-probs (nats)
+    parity_max_fraction_of_effect: float = 0.25  # bf16/fp16: or this fraction of the adapter's effect, if larger
 
 
 @dataclass(frozen=True)

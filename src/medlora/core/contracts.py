@@ -242,6 +242,7 @@ class MergeReport(Report):
     success: bool
     dtype: str = "float32"
     mean_abs_answer_logprob_diff: float | None = None
+    adapter_effect_mean_abs_logprob: float | None = None  # mean |adapter - base| on the answer tokens
     parity_metric: str = "max_abs_logit_diff"  # the figure the dtype's tolerance applies to
     parity_threshold: float | None = None
     error: str | None = None

@@ -64,8 +64,16 @@ REPLICA_SIZES: dict[str, dict[str, Any]] = {
         "intermediate_size": 96, "moe_intermediate_size": 96, "moe_shared_expert_intermediate_size": 192,
         "vocab_size": 4096,
     },
+    # Large enough that the weights (~90 MB) dominate a merge's memory, for benchmarks/merge_memory.py.
+    "medium": {
+        "hidden_size": 512, "hybrid_override_pattern": "MEMEM*EMEMEM*E", "num_attention_heads": 8,
+        "num_key_value_heads": 2, "head_dim": 64, "mamba_num_heads": 16, "mamba_head_dim": 64, "n_groups": 8,
+        "ssm_state_size": 64, "chunk_size": 16, "n_routed_experts": 16, "num_experts_per_tok": 4,
+        "intermediate_size": 256, "moe_intermediate_size": 256, "moe_shared_expert_intermediate_size": 512,
+        "vocab_size": 4096,
+    },
 }  # fmt: skip
-REPLICA_SHARDS: dict[str, int] = {"tiny": 2, "small": 3}
+REPLICA_SHARDS: dict[str, int] = {"tiny": 2, "small": 3, "medium": 4}
 
 # Behaves like the published template (always a system block, <think></think> before an answer without reasoning,
 # reasoning of turns before the last user turn dropped, a generation prompt that opens <think> unless
