@@ -375,7 +375,7 @@ def test_hub_task_is_the_builtin_one_with_the_dataset_revision_pinned(project):
     config = manager._entry("medmcqa").cfg
     assert config["dataset_path"] == "openlifescienceai/medmcqa" and config["dataset_kwargs"] == {"revision": "abc123"}
     assert config["doc_to_text"].endswith("utils_medmcqa.doc_to_text") and config["test_split"] == "validation"
-    with pytest.raises(EvaluationError, match="needs snapshot.revision"):
+    with pytest.raises(EvaluationError, match=r"needs snapshot\.revision"):
         build_task_manager(tasks, project / "outputs/validated/validation.jsonl", project, "sys", None)
 
 

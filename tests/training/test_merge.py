@@ -154,7 +154,7 @@ def test_bf16_merge_keeps_the_checkpoint_layout_and_passes_parity(
     assert layout_difference(expected, read_layout(checkpoint_files(tmp_path / "merged"))) == []
     assert {dtype for dtype, _ in expected.values()} == {"BF16", "F32"}
     assert (tmp_path / "merged" / "config.json").read_bytes() == (replica_dir / "config.json").read_bytes()
-    reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
