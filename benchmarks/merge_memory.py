@@ -43,9 +43,8 @@ def measure(size: str, work: Path) -> dict:
     config = ModelConfig(preset="nemotron-3-nano-30b-a3b", name_or_path=str(replica), torch_dtype="bfloat16")
     build_base_model(config, rows, work / "base")
     model, tokenizer = load_base_model(work / "base")
-    get_peft_model(model, LoraConfig(r=16, target_modules=list(NEMOTRON_H_TARGETS), init_lora_weights=False)).save_pretrained(
-        work / "adapter"
-    )  # fmt: skip
+    lora = LoraConfig(r=16, target_modules=list(NEMOTRON_H_TARGETS), init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(work / "adapter")
     write_jsonl(work / "early_stop.jsonl", [render_example(row, tokenizer, FormatConfig()) for row in rows[:8]])
     weights = sum(path.stat().st_size for path in replica.glob("*.safetensors"))
     del model
@@ -98,9 +97,8 @@ def main() -> None:
         first, last = results[0], results[-1]
         slope = (last["merge_extra_mib"] - first["merge_extra_mib"]) / (last["weights_mib"] - first["weights_mib"])
         summary["marginal_extra_per_weight_byte"] = round(slope, 3)
-        print(
-            f"merge memory beyond one loaded model, per extra weight byte ({first['size']} -> {last['size']}): {slope:.2f}"
-        )
+        sizes = f"{first['size']} -> {last['size']}"
+        print(f"merge memory beyond one loaded model, per extra weight byte ({sizes}): {slope:.2f}")
     print(json.dumps(summary))
 
 
