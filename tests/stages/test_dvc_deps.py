@@ -15,7 +15,7 @@ import pytest
 from conftest import PROJECT_ROOT
 from medlora.core.imports import import_closure
 
-STAGES = ("validate", "model", "format", "train", "merge", "evaluate", "register", "promote")
+STAGES = ("params", "validate", "model", "format", "train", "merge", "evaluate", "register", "promote")
 EDITED = {
     "src/medlora/data/validation.py": "medlora.data.validation",
     "src/medlora/evaluation/significance.py": "medlora.evaluation.significance",

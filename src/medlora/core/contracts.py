@@ -108,6 +108,21 @@ class Report:
 
 
 @dataclass(frozen=True)
+class ParamsReport(Report):
+    """The `params` stage's verdict on params.yaml. Its bytes depend only on which sections exist, so a changed value
+    does not make every stage downstream of it rerun; only the stages that read the value do."""
+
+    FILE: ClassVar[str] = "params.json"
+    STAGE: ClassVar[str] = "params"
+
+    valid: bool
+    sections: list[str]
+
+    def summary(self) -> str:
+        return f"params: params.yaml is valid ({', '.join(self.sections)})"
+
+
+@dataclass(frozen=True)
 class ValidationReport(Report):
     FILE: ClassVar[str] = "validation.json"
     STAGE: ClassVar[str] = "validate"
