@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,14 +20,6 @@ from medlora.core.io import sha256_file
 
 pytestmark = pytest.mark.slow
 
-CHANGES = {
-    # Offline: the hub dataset cannot be read here, so the generated MedMCQA stands in for it, at a small size.
-    "snapshot": {"source": "synthetic", "train_size": 240, "validation_size": 24, "test_size": 8},
-    "format": {"early_stopping_size": 16},
-    "train": {"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1},
-    "evaluate": {"limit": 12},
-}
-
 
 def run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
@@ -38,33 +29,39 @@ def run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
 
 @pytest.fixture(scope="module")
 def replica_project(tmp_path_factory) -> tuple[Path, Path, dict[str, str]]:
-    root = tmp_path_factory.mktemp("replica_e2e")
-    project, replica = root / "medlora", root / "nvidia-nemotron-replica"
-    tracked = subprocess.run(["git", "ls-files"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
-    for name in tracked.stdout.split():
-        if (PROJECT_ROOT / name).is_file() and not name.startswith(("tests/", "data.dvc", "dvc.lock")):
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT_ROOT / name, project / name)
-    params = yaml.safe_load((PROJECT_ROOT / "configs" / "nemotron-3-nano-30b-a3b.yaml").read_text())
-    params["model"]["name_or_path"] = str(replica)
-    for section, values in CHANGES.items():
-        params[section].update(values)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.com",
-        "GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@example.com",
-    }  # fmt: skip
-    env.pop("MLFLOW_TRACKING_URI", None)
-    run(["medlora", "replica", str(replica), "--size", "tiny"], project, env)
+    """The scratch project scripts/gpu_check.sh builds, run here on the CPU."""
+    from medlora.gpu_check import dvc_env, replica_project
+
+    project, replica = replica_project(PROJECT_ROOT, tmp_path_factory.mktemp("replica_e2e"), "tiny")
+    env = {**dvc_env(), "OMP_NUM_THREADS": "1"}
     run(["git", "init", "-q"], project, env)
     run(["medlora", "snapshot", "--source", "synthetic"], project, env)
     run(["git", "add", "-A"], project, env)
     run(["git", "commit", "-qm", "replica project"], project, env)
     run(["dvc", "repro"], project, env)
     return project, replica, env
+
+
+def test_gpu_check_refuses_without_cuda_and_its_dry_run_changes_only_what_it_says(tmp_path):
+    """scripts/gpu_check.sh up to the CUDA boundary."""
+    from medlora.gpu_check import CHANGES
+
+    script = PROJECT_ROOT / "scripts" / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
+    refused = subprocess.run(
+        ["bash", script, "--keep", str(tmp_path / "none")], env=env, capture_output=True, text=True
+    )
+    verdict = json.loads(refused.stdout.strip().splitlines()[-1])
+    assert refused.returncode == 3 and verdict["held"] is False and verdict["environment"]["cuda"] is False
+    assert not (tmp_path / "none" / "medlora").exists()  # nothing was built or run
+    dry = subprocess.run(["bash", script, "--dry-run", "--size", "tiny", "--keep", str(tmp_path / "dry")], env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    built = yaml.safe_load((tmp_path / "dry" / "medlora" / "params.yaml").read_text())
+    production = yaml.safe_load((PROJECT_ROOT / "configs" / "nemotron-3-nano-30b-a3b.yaml").read_text())
+    changed = {f"{s}.{k}" for s in production for k in production[s] if built[s][k] != production[s][k]}
+    assert changed == {"model.name_or_path"} | {f"{s}.{k}" for s, values in CHANGES.items() for k in values}
+    assert (tmp_path / "dry" / "replica" / "model.safetensors.index.json").is_file()
 
 
 def report(project: Path, name: str) -> dict:
