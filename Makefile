@@ -45,8 +45,11 @@ format: setup
 	ruff format src tests pipelines benchmarks
 	ruff check --fix src tests pipelines benchmarks
 
+# A moved or copied project first points its store's recorded artifact paths at its own mlruns/ (tracking.py);
+# no job-runner workers (MLflow starts 7 idle ones by default, for UI features this project does not use).
 ui: setup
-	mlflow ui --backend-store-uri sqlite:///$(abspath mlruns)/mlflow.db \
+	python -c 'from medlora.core.tracking import relocate_store; relocate_store("mlruns")'
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///$(abspath mlruns)/mlflow.db \
 	  --default-artifact-root $(abspath mlruns)/artifacts --host 127.0.0.1 --port 5000
 
 status: setup

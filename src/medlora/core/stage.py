@@ -24,6 +24,7 @@ from medlora.core.config import ConfigError, Params, load_params
 from medlora.core.contracts import ContractError, Report, StageFailed
 from medlora.core.hub import HubUnavailable
 from medlora.core.io import JsonlError
+from medlora.core.metrics import write_metrics
 
 logger = logging.getLogger("medlora.stage")
 
@@ -64,5 +65,6 @@ def run_stage(verb: Callable[[Params], Report], params_file: str = "params.yaml"
             logger.error("%s", failure)
         sys.exit(1)
     path = report.write(params.paths.reports_dir)
+    write_metrics(report, params.paths.reports_dir)  # the compact figures `dvc exp show` tabulates per experiment
     logger.info("%s -> %s", report.summary(), path)
     return report

@@ -229,7 +229,8 @@ def open_run(params: Params, run_id: str) -> Any:
             return tracking.resume_pipeline_run(params, run_id)
         except MlflowException as error:
             logger.warning("cannot reopen MLflow run %s (%s): starting a new run", run_id, error)
-    return tracking.start_pipeline_run(params, "train")
+    # Named for a person comparing runs in the UI: the DVC experiment's name, else the params that differ.
+    return tracking.start_pipeline_run(params, tracking.run_name(params))
 
 
 def write_history_and_plot(log_history: list[dict[str, Any]], reports: Path) -> None:
