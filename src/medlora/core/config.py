@@ -14,9 +14,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
+
+if TYPE_CHECKING:  # contracts imports io; config is imported by everything, so the import stays lazy at run time
+    from medlora.core.contracts import ParamsReport
 
 PARAMS_FILE = "params.yaml"
 

@@ -1,0 +1,111 @@
+"""Recovery after a kill: `dvc repro` SIGKILLed at seeded random moments over different stages, then run again.
+
+What must hold at the end: the pipeline completes and `dvc status` is clean; nothing half-written (`*.partial`
+directories, `*.tmp` files) is left where a stage reads; the registry holds no duplicate versions (one per
+definition), no orphans (every merged version has its adapter twin and vice versa, every version READY), no run left
+RUNNING, and `champion` of the adapter and of the merged model come from one pipeline run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from tests.conftest import PROJECT_ROOT
+
+from medlora.core.contracts import EvalReport, PromotionReport, Registration, TrainReport
+from stages.test_pipeline import SMALL, run, set_params
+
+pytestmark = pytest.mark.slow
+
+TRIALS = 10
+SEED = 20261202
+TINY = {
+    **SMALL,
+    "snapshot": {"train_size": 300, "validation_size": 40, "test_size": 20},
+    "train": {"max_steps": 8, "eval_steps": 4, "save_steps": 2, "logging_steps": 2},
+    "evaluate": {"limit": 8},
+}
+
+
+def repro_killed_after(project: Path, env: dict[str, str], seconds: float) -> str | None:
+    """Start `dvc repro`, SIGKILL its whole process group after `seconds`; returns the stage it was in (None: done)."""
+    process = subprocess.Popen(
+        ["dvc", "repro"], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # the stage's python process dies with DVC, as with a kill of the terminal
+    )  # fmt: skip
+    try:
+        process.wait(timeout=seconds)
+        return None  # finished before the kill
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    stages = re.findall(r"Running stage '(\w+)'", process.stdout.read())
+    return stages[-1] if stages else "startup"
+
+
+def test_seeded_kills_over_every_stage_leave_a_consistent_pipeline_and_registry(tmp_path):
+    import mlflow
+
+    project = tmp_path / "medlora"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env |= {"DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.com"}
+    env |= {"GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@example.com"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    tracked = subprocess.run(["git", "ls-files"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    for name in tracked.stdout.split():
+        if (PROJECT_ROOT / name).is_file() and not name.startswith(("tests/", "data.dvc", "dvc.lock")):
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            (project / name).write_bytes((PROJECT_ROOT / name).read_bytes())
+    set_params(project, TINY)
+    for command in (["git", "init", "-q"], ["medlora", "snapshot", "--source", "synthetic"], ["git", "add", "-A"],
+                    ["git", "commit", "-qm", "kill test"]):  # fmt: skip
+        run(command, project, env)
+
+    rng = random.Random(SEED)
+    started = time.monotonic()
+    killed_in = []
+    for trial in range(TRIALS):
+        # Short delays land in the early stages, long ones reach registration; each rerun resumes where DVC stopped.
+        # Every third trial changes a train param, so later stages run again and register new candidates.
+        if trial % 3 == 2:
+            set_params(project, {"train": {"max_steps": rng.choice([6, 8, 10])}})
+        killed_in.append(repro_killed_after(project, env, rng.uniform(2.0, 30.0)))
+    run(["dvc", "repro"], project, env)  # the rerun after the last kill completes
+    assert "up to date" in run(["dvc", "status"], project, env).lower()
+    assert len({stage for stage in killed_in if stage}) >= 4, killed_in  # the kills hit different stages
+    print(f"kills landed in {killed_in}; {time.monotonic() - started:.0f} s in all")
+
+    leftovers = [p for p in (project / "outputs").rglob("*") if p.name.endswith((".partial", ".old", ".tmp"))]
+    leftovers += [p for p in (project / "reports").rglob("*.tmp*")]
+    assert not leftovers, leftovers
+    reports = project / "reports"
+    train, evaluation = TrainReport.read(reports), EvalReport.read(reports)
+    registration, promotion = Registration.read(reports), PromotionReport.read(reports)
+    assert registration.mlflow_run_id == train.mlflow_run_id and evaluation.gate.metric
+
+    uri = f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    adapters = client.search_model_versions("name='medlora-adapter'")
+    merged = client.search_model_versions("name='medlora-merged'")
+    assert all(version.status == "READY" for version in adapters + merged)
+    definitions = [(v.tags.get("params_hash"), v.tags.get("inputs_hash"), v.tags.get("data_dvc_md5")) for v in adapters]
+    assert len(definitions) == len(set(definitions)), "the same definition was registered twice"
+    by_adapter = {v.version: v for v in adapters}
+    for version in merged:  # no orphans: twins point at each other
+        twin = by_adapter[version.tags["adapter_version"]]
+        assert twin.tags["merged_version"] == version.version and twin.run_id == version.run_id
+    champion_adapter = client.get_model_version_by_alias("medlora-adapter", "champion")
+    champion_merged = client.get_model_version_by_alias("medlora-merged", "champion")
+    assert champion_adapter.run_id == champion_merged.run_id
+    assert champion_merged.version == champion_adapter.tags["merged_version"]
+    experiment = client.get_experiment_by_name("medlora")
+    running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+    assert not running, [run.info.run_id for run in running]
+    assert promotion.decision in ("promoted", "rejected")
