@@ -1,4 +1,5 @@
-"""`should_promote`: every gate both ways, the first promotion, ties, NaN, and the tag round trip."""
+"""`should_promote`: every gate both ways, the first promotion, ties, NaN, like-with-like champion comparison, and the
+tag round trip."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from medlora.core.contracts import EvalGate
 from medlora.registry.gates import (
     Candidate,
     Champion,
+    EvalSet,
     candidate_from_gate,
     champion_from_tags,
     merged_relative_difference,
@@ -27,6 +29,8 @@ GATES = PromoteConfig(
     max_merged_vs_adapter_rel=0.01,
 )
 BASE = -8.0
+SYNTHETIC = EvalSet(validation_sha256="5" * 64, limit=None, source="local")  # what good() and champion() share
+REAL = EvalSet(validation_sha256="e" * 64, limit=None, source="local")
 GATE_ORDER = [
     "min_value",
     "min_uplift",
@@ -49,12 +53,15 @@ def good(**changes) -> Candidate:
         "validation_success": True,
         "coverage_passed": True,
         "version": "7",
+        "evaluated_on": SYNTHETIC,
     }
     return Candidate(**{**values, **changes})
 
 
-def champion(value: float = -6.0, metric: str = METRIC, version: str = "3") -> Champion:
-    return Champion(version=version, metric=metric, value=value)
+def champion(
+    value: float = -6.0, metric: str = METRIC, version: str = "3", evaluated_on: EvalSet | None = SYNTHETIC
+) -> Champion:
+    return Champion(version=version, metric=metric, value=value, evaluated_on=evaluated_on)
 
 
 def reason_for(verdict, gate: str) -> str:
@@ -151,6 +158,79 @@ def test_champion_on_another_metric_cannot_be_compared():
     assert "promoted on medmcqa_chat/acc" in reason_for(verdict, "champion_tolerance")
 
 
+# (candidate's evaluation set, champion's, words the reason must contain): never compared, whatever the values.
+NOT_COMPARABLE = [
+    (REAL, SYNTHETIC, f"validation data sha256 {'e' * 12} vs champion's {'5' * 12}"),
+    (EvalSet("5" * 64, limit=100, source="local"), SYNTHETIC, "question limit 100 vs champion's None"),
+    (EvalSet("5" * 64, limit=None, source="hub"), SYNTHETIC, "data source hub vs champion's local"),
+    (None, SYNTHETIC, "the candidate's evaluation data is not recorded"),
+    (SYNTHETIC, None, "the champion v3's evaluation data is not recorded"),  # registered before it was recorded
+    (EvalSet(None), SYNTHETIC, "the candidate's validation data hash is not recorded"),
+    (SYNTHETIC, EvalSet(None), "the champion v3's validation data hash is not recorded"),
+    (None, None, "the candidate's evaluation data is not recorded"),  # two unknowns are not equal either
+]
+
+
+@pytest.mark.parametrize("champion_value", [-6.0, -1.0, -5.0])  # worse, better and equal: the values never matter
+@pytest.mark.parametrize(("mine", "theirs", "words"), NOT_COMPARABLE)
+def test_a_champion_scored_on_other_data_is_not_compared_and_both_champion_gates_fail(
+    mine, theirs, words, champion_value
+):
+    verdict = should_promote(good(evaluated_on=mine), BASE, champion(value=champion_value, evaluated_on=theirs), GATES)
+    assert not verdict.promote
+    assert [r.split(" ")[1].rstrip(":") for r in verdict.failed] == ["champion_tolerance", "champion_margin"]
+    for gate in ("champion_tolerance", "champion_margin"):
+        line = reason_for(verdict, gate)
+        assert line.startswith(f"FAIL {gate}: not comparable with champion v3: ")
+        assert words in line
+        assert "medlora promote VERSION --force --reason" in line  # the README's rule: a person decides
+        assert "delta" not in line  # no number was compared
+
+
+def test_every_difference_is_named_at_once():
+    theirs = EvalSet("5" * 64, limit=200, source="hub")
+    verdict = should_promote(
+        good(evaluated_on=REAL), BASE, champion(metric="medmcqa_chat/acc", evaluated_on=theirs), GATES
+    )
+    line = reason_for(verdict, "champion_margin")
+    for words in ("promoted on medmcqa_chat/acc", "validation data sha256", "question limit None vs champion's 200",
+                  "data source local vs champion's hub"):  # fmt: skip
+        assert words in line
+
+
+def test_the_same_data_is_compared_by_value():
+    same = EvalSet(validation_sha256="e" * 64, limit=100, source="hub")
+    verdict = should_promote(good(evaluated_on=same), BASE, champion(evaluated_on=EvalSet("e" * 64, 100, "hub")), GATES)
+    assert verdict.promote
+    assert reason_for(verdict, "champion_margin").startswith(f"PASS champion_margin: {METRIC} -5 vs champion v3 -6")
+
+
+@pytest.mark.parametrize("mine", [REAL, None, EvalSet(None)])
+def test_without_a_champion_or_against_itself_the_data_does_not_matter(mine):
+    assert should_promote(good(evaluated_on=mine), BASE, None, GATES).promote
+    itself = should_promote(good(version="3", evaluated_on=mine), BASE, champion(version="3"), GATES)
+    assert itself.promote
+    assert "is the current champion (v3)" in reason_for(itself, "champion_tolerance")
+
+
+def test_other_gates_still_run_when_the_champion_is_not_comparable():
+    verdict = should_promote(good(evaluated_on=REAL, p_value=0.5), BASE, champion(), GATES)
+    failed = [r.split(" ")[1].rstrip(":") for r in verdict.failed]
+    assert failed == ["max_p_value", "champion_tolerance", "champion_margin"]
+
+
+def test_evaluation_set_round_trips_through_version_tags():
+    for evaluated_on in (REAL, EvalSet("a" * 64, limit=100, source="hub"), EvalSet("b" * 64)):
+        tags = evaluated_on.tags()
+        assert all(isinstance(value, str) and key.startswith("eval.") for key, value in tags.items())
+        assert EvalSet.from_tags(tags) == evaluated_on
+    assert EvalSet.from_tags({"gate.metric": METRIC}) is None  # a version registered before it was recorded
+    assert EvalSet.from_tags({"eval.validation_sha256": "None"}) is None
+    gate_tags = {"gate.metric": METRIC, "gate.adapter": "-5.0", **REAL.tags()}
+    assert champion_from_tags("4", gate_tags).evaluated_on == REAL
+    assert champion_from_tags("4", {"gate.metric": METRIC, "gate.adapter": "-5.0"}).evaluated_on is None
+
+
 def test_min_value_none_means_no_floor():
     gates = PromoteConfig(**{**GATES.__dict__, "min_value": None})
     verdict = should_promote(good(value=-1e6, merged=-1e6), -2e6, None, gates)
@@ -203,9 +283,10 @@ def test_gate_round_trips_through_version_tags():
     }
     tags = EvalGate.from_dict({**gate, "test": "wilcoxon_signed_rank", "n_paired": 8}).tags()
     assert all(isinstance(value, str) for value in tags.values())
-    candidate, base = candidate_from_gate(EvalGate.from_tags(tags), "True", "False", version="4")
+    candidate, base = candidate_from_gate(EvalGate.from_tags(tags), "True", "False", version="4", evaluated_on=REAL)
     assert (candidate.value, base, candidate.merged, candidate.p_value) == (-5.0, -8.0, -5.00001, 1e-9)
     assert (candidate.validation_success, candidate.coverage_passed, candidate.version) == (True, False, "4")
+    assert candidate.evaluated_on == REAL
     assert champion_from_tags("4", tags) == Champion(version="4", metric=METRIC, value=-5.0)
 
 

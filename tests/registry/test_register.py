@@ -4,6 +4,7 @@ rollback, forced promotion, failures halfway through an alias move, an unreachab
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import shutil
 import socket
 import sqlite3
@@ -21,6 +22,7 @@ from medlora.core.contracts import (
     PromotionReport,
     RegisteredVersion,
     Registration,
+    TrainReport,
     ValidationReport,
 )
 from medlora.core.io import read_json, write_json
@@ -92,8 +94,20 @@ def params(tmp_path, monkeypatch, tiny_base_dir) -> Params:
     return project_params(tmp_path, tiny_base_dir)
 
 
-def pipeline_run(params: Params, run: dict, gate_values: dict, validation: bool = True, coverage=True) -> str:
-    """What train..evaluate leave behind: outputs, reports, and the pipeline's MLflow run. Returns its run id."""
+def pipeline_run(
+    params: Params,
+    run: dict,
+    gate_values: dict,
+    validation: bool = True,
+    coverage=True,
+    definition: str | None = None,
+    validation_data: str = "synthetic validation split",
+) -> str:
+    """What train..evaluate leave behind: outputs, reports, and the pipeline's MLflow run. Returns its run id.
+
+    `definition` stands for what the train stage hashes (params, data, code): runs built from different adapters
+    differ in it unless a test says otherwise. `validation_data` is the content of the validation file evaluated.
+    """
     import mlflow
 
     from medlora.core.tracking import start_pipeline_run
@@ -105,13 +119,33 @@ def pipeline_run(params: Params, run: dict, gate_values: dict, validation: bool 
     with start_pipeline_run(params) as active:
         run_id = active.info.run_id
     assert mlflow.active_run() is None
-    write_reports(Path(params.paths.reports_dir), run_id, gate_values, validation, coverage)
+    definition = definition or str(run["adapter"].parent)
+    write_reports(Path(params.paths.reports_dir), run_id, gate_values, validation, coverage, definition,
+                  validation_data, params.params_hash())  # fmt: skip
     return run_id
 
 
-def write_reports(reports: Path, run_id: str, gate_values: dict, validation: bool, coverage: bool | None) -> None:
-    """train.json, eval.json and validation.json as the stages write them, with the figures the gates read."""
+def validation_file(reports: Path) -> Path:
+    return reports.parent / "outputs" / "validated" / "validation.jsonl"
+
+
+def write_reports(
+    reports: Path,
+    run_id: str,
+    gate_values: dict,
+    validation: bool,
+    coverage: bool | None,
+    definition: str = "run",
+    validation_data: str = "synthetic validation split",
+    params_hash: str = "params",
+) -> None:
+    """train.json, eval.json and validation.json as the stages write them, with the figures the gates read, and
+    the validation file the evaluation scored. `definition` stands for the train stage's inputs (data, code)."""
     write_train_report(reports, run_id, coverage)
+    inputs_hash = hashlib.sha256(definition.encode()).hexdigest()[:16]
+    dataclasses.replace(TrainReport.read(reports), params_hash=params_hash, inputs_hash=inputs_hash).write(reports)
+    validation_file(reports).parent.mkdir(parents=True, exist_ok=True)
+    validation_file(reports).write_text(validation_data + "\n")
     EvalReport(
         gate=EvalGate.from_dict({"test": "wilcoxon_signed_rank", "n_paired": 8, **gate_values}),
         primary_metric=gate_values["metric"],
@@ -122,7 +156,7 @@ def write_reports(reports: Path, run_id: str, gate_values: dict, validation: boo
         source="local",
         limit=None,
         batch_size=4,
-        validation_file="outputs/validated/validation.jsonl",
+        validation_file=str(validation_file(reports)),
         wall_seconds=1.0,
     ).write(reports)
     ValidationReport(
@@ -177,16 +211,16 @@ def test_registered_versions_reload_with_the_same_logits_and_carry_lineage(param
     (answer,) = adapter.predict(["Question: Which drug causes cinchonism?"], params={"max_new_tokens": 3})
     assert isinstance(answer, str)
 
-    merged = mlflow.transformers.load_model(f"models:/{MERGED}/1", return_type="components")
+    merged = mlflow.pyfunc.load_model(f"models:/{MERGED}/1").unwrap_python_model()
     with torch.no_grad():
-        merged_logits = merged["model"](outputs[0]["ids"]).logits
+        merged_logits = merged.model(outputs[0]["ids"]).logits
     assert max_diff(merged_logits, outputs[0]["merged_logits"]) < 1e-4
 
     client = open_registry(params)
     for name in (ADAPTER, MERGED):
         version = client.get_model_version(name, "1")
         assert version.run_id == run_id
-        for key in ("git_commit", "data_dvc_md5", "params_hash", "adapter_dvc_md5", "adapter_sha256"):
+        for key in ("git_commit", "data_dvc_md5", "params_hash", "inputs_hash", "adapter_dvc_md5", "adapter_sha256"):
             assert version.tags[key]
         assert version.tags["params_hash"] == params.params_hash()
         assert version.tags["gate.adapter"] == "-5.0" and version.tags["gate.metric"] == METRIC
@@ -448,3 +482,149 @@ def test_promote_gates_come_from_params(params, outputs):
     report = promote_version(params, "1")
     assert report.decision == "rejected"
     assert "FAIL min_value: medmcqa_chat_loglik/answer_loglik -5 < -4.5" in report.reasons
+
+
+def test_retraining_with_the_same_definition_reuses_the_version(params, outputs):
+    """Same params, data and code give other adapter bytes: still the same version, with refreshed gate tags."""
+    from medlora.registry.client import open_registry
+
+    first_run = pipeline_run(params, outputs[0], gate(-5.0), definition="same params, data and code")
+    first, _ = register_and_promote(params)
+    second_run = pipeline_run(params, outputs[1], gate(-4.5), definition="same params, data and code")
+    second, promotion = register_and_promote(params)
+    assert (second.adapter, second.merged) == (
+        RegisteredVersion(ADAPTER, "1", False, first_run),
+        RegisteredVersion(MERGED, "1", False, first_run),
+    )
+    assert second.tags["adapter_sha256"] != first.tags["adapter_sha256"]  # the bytes did differ
+    client = open_registry(params)
+    assert [len(client.search_model_versions(f"name='{n}'")) for n in (ADAPTER, MERGED)] == [1, 1]
+    for name in (ADAPTER, MERGED):
+        tags = client.get_model_version(name, "1").tags
+        assert tags["gate.adapter"] == "-4.5"  # the evaluation tags follow the latest evaluation
+        assert tags["reused_by_run_id"] == second_run
+        assert tags["adapter_sha256"] == first.tags["adapter_sha256"]  # the weights' tags stay the first run's
+        assert tags["mlflow_run_id"] == first_run
+    assert client.get_run(second_run).data.tags["registered.adapter"] == f"{ADAPTER}/1 (reused)"
+    assert promotion.decision == "promoted" and champions(params) == ("1", "1")  # the champion itself
+
+    pipeline_run(params, outputs[1], gate(-4.5), definition="one training data row changed")
+    third, _ = register_and_promote(params)
+    assert (third.adapter.version, third.adapter.created, third.merged.version) == ("2", True, "2")
+
+
+def test_a_champion_scored_on_other_validation_data_is_not_compared(params, outputs):
+    """A candidate scored on real MedMCQA against a champion scored on synthetic data: a person decides."""
+    from medlora.core.io import sha256_file
+    from medlora.registry.client import open_registry
+    from medlora.registry.promote import promote_version
+
+    pipeline_run(params, outputs[0], gate(-5.0), validation_data="synthetic validation split")
+    register_and_promote(params)
+    synthetic = sha256_file(Path(params.paths.reports_dir).parent / "outputs/validated/validation.jsonl")
+    pipeline_run(params, outputs[1], gate(-1.0), validation_data="real MedMCQA validation split")
+    registration, promotion = register_and_promote(params)
+    assert promotion.decision == "rejected" and champions(params) == ("1", "1")
+    failed = [reason for reason in promotion.reasons if reason.startswith("FAIL")]
+    assert [reason.split(":")[0] for reason in failed] == ["FAIL champion_tolerance", "FAIL champion_margin"]
+    assert f"vs champion's {synthetic[:12]}" in failed[0] and "--force" in failed[0]
+    assert registration.gates_at_registration == promotion.reasons[: len(registration.gates_at_registration)]
+    client = open_registry(params)
+    assert client.get_model_version(ADAPTER, "1").tags["eval.validation_sha256"] == synthetic
+    assert client.get_model_version(MERGED, "2").tags["eval.validation_sha256"] != synthetic
+    assert client.get_model_version(ADAPTER, "2").tags["eval.tasks"] == "medmcqa_chat_loglik"
+    forced = promote_version(params, "2", force_reason="real data replaces the synthetic champion")
+    assert forced.decision == "promoted" and forced.forced and champions(params) == ("2", "2")
+
+
+def test_the_evaluations_own_validation_hash_is_preferred_over_hashing_the_file(params, outputs):
+    from medlora.registry.register import run as register
+
+    pipeline_run(params, outputs[0], gate(-5.0))
+    reports = Path(params.paths.reports_dir)
+    evaluation = EvalReport.read(reports)
+    dataclasses.replace(evaluation, validation_sha256="f" * 64).write(reports)
+    Path(evaluation.validation_file).unlink()  # changed or gone since: the evaluation's record counts
+    assert register(params).tags["eval.validation_sha256"] == "f" * 64
+
+
+def dead_owner() -> str:
+    """The owner stamp of a register process that was killed (a pid that existed and is gone)."""
+    import subprocess
+    import time
+
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return f"{socket.gethostname()}:{process.pid}:{int(time.time()) - 60}"
+
+
+def test_what_a_killed_register_stage_left_is_marked_and_never_reused(params, outputs):
+    """A register stage killed mid-way left version 1 PENDING_REGISTRATION (challenger), a logged model PENDING and
+    the pipeline run RUNNING. The next run marks all three (with the reason), registers a fresh version 2 and
+    leaves alone what a live process is still writing."""
+    import os
+    import time
+
+    from medlora.core.tracking import EXPERIMENT_NAME
+    from medlora.registry.client import ABANDONED_TAG, OWNER_TAG, format_table, open_registry, status_rows
+    from medlora.registry.promote import promote_version
+    from medlora.registry.register import adapter_definition
+    from medlora.registry.register import run as register
+
+    run_id = pipeline_run(params, outputs[0], gate(-5.0))
+    client = open_registry(params)
+    experiment = client.get_experiment_by_name(EXPERIMENT_NAME).experiment_id
+    killed, alive = dead_owner(), f"{socket.gethostname()}:{os.getppid()}:{int(time.time())}"
+    definition = adapter_definition(TrainReport.read(params.paths.reports_dir))
+    half = client.create_logged_model(experiment, name="adapter", source_run_id=run_id, tags={OWNER_TAG: killed})
+    client.create_registered_model(ADAPTER)
+    client.create_model_version(ADAPTER, f"models:/{half.model_id}", run_id=run_id,
+                                tags={**definition, OWNER_TAG: killed})  # fmt: skip
+    client.set_registered_model_alias(ADAPTER, "challenger", "1")
+    database = sqlite3.connect(Path(params.paths.mlruns_dir) / "mlflow.db")
+    database.execute("UPDATE model_versions SET status = 'PENDING_REGISTRATION' WHERE name = ?", (ADAPTER,))
+    database.commit()
+    database.close()
+    writing = client.create_logged_model(experiment, name="merged", source_run_id=run_id, tags={OWNER_TAG: alive})
+    client.set_tag(run_id, OWNER_TAG, killed)
+    client.update_run(run_id, status="RUNNING")
+
+    registration = register(params)
+    assert (registration.adapter.version, registration.adapter.created) == ("2", True)  # v1 not reused
+    assert len(registration.leftovers_marked) == 3, registration.leftovers_marked
+    v1 = client.get_model_version(ADAPTER, "1")
+    assert v1.tags[ABANDONED_TAG] == "true"
+    assert v1.tags["medlora.abandoned_reason"].startswith(
+        f"left PENDING_REGISTRATION (half registered): its process {killed} no longer runs; never reused"
+    )
+    assert aliases(client, ADAPTER) == {"challenger": "2"}
+    assert client.get_logged_model(half.model_id).status.value == "FAILED"
+    assert "no longer runs" in client.get_logged_model(half.model_id).tags["medlora.abandoned_reason"]
+    assert client.get_logged_model(writing.model_id).status.value == "PENDING"  # its owner is alive: untouched
+    run = client.get_run(run_id)
+    assert "left RUNNING by a killed stage" in run.data.tags["medlora.killed_reason"]
+    assert run.info.status == "FINISHED" and OWNER_TAG not in run.data.tags  # closed, then reopened and ended
+    with pytest.raises(RuntimeError, match=r"medlora-adapter v1 is not fully registered \(left PENDING_REG"):
+        promote_version(params, "1", force_reason="even by force")
+    assert [row["state"] for row in status_rows(client, params)] == ["ready", "abandoned"]
+    assert "abandoned" in format_table(status_rows(client, params))
+    assert register(params).leftovers_marked == []  # marked once
+
+
+def test_which_leftovers_count_as_abandoned():
+    import os
+    import time
+
+    from medlora.core.tracking import owner_stamp
+    from medlora.registry.recovery import STALE_AFTER_SECONDS, owner_gone
+
+    now = time.time()
+    young, old = now - 60, now - STALE_AFTER_SECONDS - 1
+    assert "no longer runs" in owner_gone(dead_owner(), young, now)
+    assert owner_gone(owner_stamp(), old, now) is None  # this very process
+    assert owner_gone(f"{socket.gethostname()}:{os.getppid()}:{int(young)}", young, now) is None  # alive
+    assert "pid was reused" in owner_gone(f"{socket.gethostname()}:{os.getppid()}:{int(old)}", old, now)
+    assert owner_gone("elsewhere:123:0", young, now) is None  # another host: cannot check, too young to tell
+    assert "cannot be checked" in owner_gone("elsewhere:123:0", old, now)
+    assert owner_gone(None, young, now) is None
+    assert "no owner recorded" in owner_gone(None, old, now)

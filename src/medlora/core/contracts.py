@@ -333,6 +333,9 @@ class EvalReport(Report):
     batch_size: int
     validation_file: str
     wall_seconds: float
+    # sha256 of validation_file as scored; None from an evaluate stage that did not record it (the register stage
+    # then hashes validation_file itself). The gates compare a candidate with a champion only on the same data.
+    validation_sha256: str | None = None
 
     def summary(self) -> str:
         g = self.gate
@@ -366,6 +369,9 @@ class Registration(Report):
     merged_skipped: str | None
     gates_at_registration: list[str]
     tags: dict[str, str]
+    # What killed register stages had left (half-registered versions, PENDING logged models, RUNNING runs), as
+    # marked by this one: "<kind> <id>: <what was done>".
+    leftovers_marked: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         merged = f"{self.merged.name} v{self.merged.version}" if self.merged else f"no merged ({self.merged_skipped})"

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sqlite3
 import subprocess
+import time
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
@@ -288,12 +290,22 @@ def experiment_tags(params: Params) -> dict[str, str]:
     return tags
 
 
+# Who has a run open: host:pid:start time. registry/recovery.py ends a RUNNING run whose owner process is gone (a
+# killed stage), and leaves one whose owner still runs (a stage at work) alone.
+OWNER_TAG = "medlora.owner"
+
+
+def owner_stamp() -> str:
+    """This process, as the owner of what it opens or creates: host:pid:start time (epoch seconds)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}"
+
+
 def start_pipeline_run(params: Params, run_name: str | None = None) -> Any:
     """Open a new MLflow run for this pipeline run with every param, the lineage and the experiment tags."""
     import mlflow
 
     experiment_id = configure_tracking(params)
-    tags = {**lineage_tags(params), **experiment_tags(params)}
+    tags = {**lineage_tags(params), **experiment_tags(params), OWNER_TAG: owner_stamp()}
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     flat = {key: str(value)[:6000] for key, value in params.flat().items()}
     mlflow.log_params(flat)
@@ -305,4 +317,6 @@ def resume_pipeline_run(params: Params, run_id: str) -> Any:
     import mlflow
 
     configure_tracking(params)
-    return mlflow.start_run(run_id=run_id)
+    run = mlflow.start_run(run_id=run_id)
+    mlflow.set_tag(OWNER_TAG, owner_stamp())  # this stage has it open now: a kill from here on is this stage's
+    return run

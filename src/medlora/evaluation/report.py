@@ -15,7 +15,7 @@ from typing import Any
 
 from medlora.core.config import Params
 from medlora.core.contracts import EvalReport, TrainReport
-from medlora.core.io import atomic_directory, atomic_path, write_json, write_jsonl
+from medlora.core.io import atomic_directory, atomic_path, sha256_file, write_json, write_jsonl
 from medlora.evaluation.significance import build_gate
 
 logger = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ def build_report(
         limit=params.evaluate.limit,
         batch_size=params.evaluate.batch_size,
         validation_file=str(Path(params.paths.validated_dir) / "validation.jsonl"),
+        validation_sha256=sha256_file(Path(params.paths.validated_dir) / "validation.jsonl"),  # like with like
         wall_seconds=round(wall_seconds, 2),
     )
 

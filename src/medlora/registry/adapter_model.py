@@ -71,9 +71,15 @@ def adapter_signature() -> Any:
 
 
 def log_adapter_model(
-    adapter_dir: str | Path, base_dir: str | Path | None, pip_requirements: list[str], name: str = "adapter"
+    adapter_dir: str | Path,
+    base_dir: str | Path | None,
+    pip_requirements: list[str],
+    name: str = "adapter",
+    tags: dict[str, str] | None = None,
 ) -> Any:
     """Log the adapter (and, for a local base, `base_dir` itself) to the active run; returns MLflow's ModelInfo.
+
+    `tags` go on the logged model (the register stage names the process logging it, see register.py).
 
     Raises BaseModelUnavailable when a local base must be shipped but `base_dir` is missing or holds other weights.
     """
@@ -94,4 +100,5 @@ def log_adapter_model(
         pip_requirements=pip_requirements,
         signature=adapter_signature(),
         metadata={"base_model": describe_base(reference)},
+        tags=tags,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from medlora.core import tracking
 from medlora.core.config import Params
 from medlora.core.tracking import configure_tracking, tracking_uri
 from medlora.registry.gates import Champion, champion_from_tags
@@ -17,6 +18,12 @@ logger = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+# The process (host:pid:start) that created a version or logged model, or has a run open: stamped by the register
+# stage, so the next one can tell what a killed one left (recovery.py).
+OWNER_TAG = tracking.OWNER_TAG  # one definition: core/tracking stamps every pipeline run with it
+# On a version (or logged model) a killed register stage left half done: never reused or promoted (recovery.py).
+ABANDONED_TAG = "medlora.abandoned"
+ABANDONED_REASON_TAG = "medlora.abandoned_reason"
 
 
 class RegistryError(RuntimeError):
@@ -36,10 +43,18 @@ def open_registry(params: Params) -> Any:
         ) from error
 
 
+def usable(version: Any) -> bool:
+    """A version fully registered (READY) and not marked abandoned: the only kind found, reused or promoted."""
+    return version.status == "READY" and version.tags.get(ABANDONED_TAG) != "true"
+
+
 def find_version(client: Any, name: str, tags: dict[str, str]) -> Any | None:
-    """The newest version of `name` carrying all `tags`, or None (also when the model does not exist yet)."""
+    """The newest usable version of `name` carrying all `tags`, or None (also when the model does not exist yet).
+
+    Half-registered versions (not READY, or marked abandoned by recovery.py) are never returned.
+    """
     conditions = " and ".join([f"name='{name}'", *(f"tags.{key}='{value}'" for key, value in tags.items())])
-    versions = client.search_model_versions(conditions)
+    versions = [version for version in client.search_model_versions(conditions) if usable(version)]
     return max(versions, key=lambda v: int(v.version)) if versions else None
 
 
@@ -104,6 +119,7 @@ def status_rows(client: Any, params: Params) -> list[dict[str, str]]:
                 "coverage": tags.get("coverage_passed", "-"),
                 "run": (version.run_id or "-")[:8],
                 "commit": tags.get("git_commit", "-")[:8],
+                "state": "ready" if usable(version) else ("abandoned" if tags.get(ABANDONED_TAG) else version.status),
             }
         )
     return rows

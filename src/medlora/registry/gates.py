@@ -6,16 +6,66 @@ primary metric (`gate` in `reports/eval.json`), where higher is better (accuracy
 
 Comparisons are written so that a NaN fails every gate it reaches (`nan > x` is False): a broken evaluation can
 never promote a model.
+
+Like with like: a value is compared with the champion's only when both were measured the same way (`EvalSet`: the
+same metric, the sha256 of the same validation file, the same question limit and data source). Otherwise the two
+champion gates FAIL, saying what differs, and a person decides (`medlora promote VERSION --force --reason TEXT`);
+nothing re-scores the champion behind their back. An unknown evaluation set (a version registered before it was
+recorded) is never taken as equal to anything.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from medlora.core.config import PromoteConfig
 from medlora.core.contracts import EvalGate
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """What a metric value was measured on. Two values are comparable only when every field is known and equal."""
+
+    validation_sha256: str | None  # sha256 of the validation file the evaluation scored
+    limit: int | None = None  # evaluate.limit: the first N questions (None: all)
+    source: str | None = None  # evaluate.source: local | hub
+
+    def differences(self, champion: EvalSet, champion_version: str) -> list[str]:
+        """What differs between this (a candidate's) set and the champion's, in words; [] when comparable."""
+        if self.validation_sha256 is None or champion.validation_sha256 is None:
+            whose = "candidate's" if self.validation_sha256 is None else f"champion v{champion_version}'s"
+            return [f"the {whose} validation data hash is not recorded"]
+        found = []
+        if self.validation_sha256 != champion.validation_sha256:
+            found.append(
+                f"validation data sha256 {self.validation_sha256[:12]} vs champion's {champion.validation_sha256[:12]}"
+            )
+        if self.limit != champion.limit:
+            found.append(f"question limit {self.limit} vs champion's {champion.limit}")
+        if self.source != champion.source:
+            found.append(f"data source {self.source} vs champion's {champion.source}")
+        return found
+
+    def tags(self) -> dict[str, str]:
+        """As registry tags `eval.<key>` (strings; "None" for no limit)."""
+        return {f"eval.{spec.name}": str(getattr(self, spec.name)) for spec in fields(self)}
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> EvalSet | None:
+        """Inverse of `tags`; None when the version carries no `eval.validation_sha256` (registered before it was
+        recorded): unknown, which no comparison accepts."""
+        sha = tags.get("eval.validation_sha256")
+        if not sha or sha == "None":
+            return None
+        limit = tags.get("eval.limit")
+        source = tags.get("eval.source")
+        return cls(
+            validation_sha256=sha,
+            limit=None if limit in (None, "", "None") else int(limit),
+            source=None if source in (None, "", "None") else source,
+        )
 
 
 @dataclass(frozen=True)
@@ -29,6 +79,7 @@ class Candidate:
     validation_success: bool | None = None  # reports/validation.json `success`
     coverage_passed: bool | None = None  # the LoRA coverage gate from reports/train.json
     version: str | None = None  # registered adapter version, when there is one
+    evaluated_on: EvalSet | None = None  # what `value` was measured on (None: unknown, never comparable)
 
 
 @dataclass(frozen=True)
@@ -38,6 +89,7 @@ class Champion:
     version: str
     metric: str
     value: float
+    evaluated_on: EvalSet | None = None  # what `value` was measured on (None: unknown, never comparable)
 
 
 @dataclass(frozen=True)
@@ -85,6 +137,24 @@ def check_p_value(candidate: Candidate, gates: PromoteConfig) -> str:
     return _line(passed, "max_p_value", f"p-value {_fmt(candidate.p_value)} {sign} {_fmt(gates.max_p_value)}")
 
 
+NOT_COMPARABLE_RULE = "re-evaluate both on the same data or decide by hand (medlora promote VERSION --force --reason)"
+
+
+def comparability(candidate: Candidate, champion: Champion) -> str:
+    """Why the candidate's value cannot be compared with the champion's ("" when it can)."""
+    reasons = []
+    if champion.metric != candidate.metric:
+        reasons.append(
+            f"champion v{champion.version} was promoted on {champion.metric}, candidate on {candidate.metric}"
+        )
+    if candidate.evaluated_on is None or champion.evaluated_on is None:
+        whose = "candidate's" if candidate.evaluated_on is None else f"champion v{champion.version}'s"
+        reasons.append(f"the {whose} evaluation data is not recorded")
+    else:
+        reasons.extend(candidate.evaluated_on.differences(champion.evaluated_on, champion.version))
+    return "; ".join(reasons)
+
+
 def check_champion(candidate: Candidate, champion: Champion | None, gates: PromoteConfig) -> list[str]:
     """Two lines: not worse than the champion by more than the tolerance; better by more than the margin."""
     if champion is None:
@@ -93,9 +163,10 @@ def check_champion(candidate: Candidate, champion: Champion | None, gates: Promo
     if candidate.version is not None and candidate.version == champion.version:
         text = f"candidate is the current champion (v{champion.version})"
         return [_line(True, "champion_tolerance", text), _line(True, "champion_margin", text)]
-    if champion.metric != candidate.metric:
-        # Different metrics (say a preset change) cannot be compared: a person decides, with --force.
-        text = f"champion v{champion.version} was promoted on {champion.metric}, candidate on {candidate.metric}"
+    mismatch = comparability(candidate, champion)
+    if mismatch:
+        # Different metrics (a preset change) or data (a new snapshot): not comparable, a person decides (--force).
+        text = f"not comparable with champion v{champion.version}: {mismatch}; {NOT_COMPARABLE_RULE}"
         return [_line(False, "champion_tolerance", text), _line(False, "champion_margin", text)]
     delta = candidate.value - champion.value
     head = f"{candidate.metric} {_fmt(candidate.value)} vs champion v{champion.version} {_fmt(champion.value)}"
@@ -165,9 +236,14 @@ def _flag(value: Any) -> bool | None:
 
 
 def candidate_from_gate(
-    gate: EvalGate, validation_success: Any, coverage_passed: Any, version: str | None = None
+    gate: EvalGate,
+    validation_success: Any,
+    coverage_passed: Any,
+    version: str | None = None,
+    evaluated_on: EvalSet | None = None,
 ) -> tuple[Candidate, float]:
-    """(Candidate, base value) from the evaluation's gate (eval.json, or the version tags that copy it).
+    """(Candidate, base value) from the evaluation's gate (eval.json, or the version tags that copy it) and what
+    it was measured on (`evaluated_on`; None: unknown, so no champion comparison can pass).
 
     Raises ValueError when the gate lacks the base or adapter value (the evaluation did not run them).
     """
@@ -182,6 +258,7 @@ def candidate_from_gate(
         validation_success=_flag(validation_success),
         coverage_passed=_flag(coverage_passed),
         version=version,
+        evaluated_on=evaluated_on,
     )
     return candidate, float(gate.base)
 
@@ -193,4 +270,4 @@ def champion_from_tags(version: str, tags: dict[str, str]) -> Champion:
     gate = EvalGate.from_tags(tags)
     if gate.adapter is None:
         raise ValueError(f"champion v{version} has no gate.adapter tag: it cannot be compared against")
-    return Champion(version=str(version), metric=gate.metric, value=gate.adapter)
+    return Champion(version=str(version), metric=gate.metric, value=gate.adapter, evaluated_on=EvalSet.from_tags(tags))

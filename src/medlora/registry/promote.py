@@ -20,6 +20,7 @@ from typing import Any
 from medlora.core.config import Params
 from medlora.core.contracts import EvalGate, EvalReport, PromotionReport, Registration, TrainReport, ValidationReport
 from medlora.registry.client import (
+    ABANDONED_REASON_TAG,
     CHALLENGER,
     CHAMPION,
     RegistryError,
@@ -27,8 +28,9 @@ from medlora.registry.client import (
     current_champion,
     open_registry,
     set_alias,
+    usable,
 )
-from medlora.registry.gates import Verdict, candidate_from_gate, should_promote
+from medlora.registry.gates import EvalSet, Verdict, candidate_from_gate, should_promote
 
 logger = logging.getLogger(__name__)
 
@@ -117,29 +119,31 @@ def move_champion(
     return before
 
 
-def merged_twin(client: Any, params: Params, adapter_version: str) -> str | None:
-    """The merged version registered from the same run as adapter version `adapter_version` (None if none)."""
-    tags = client.get_model_version(params.register.adapter_name, adapter_version).tags
-    return tags.get("merged_version")
-
-
 def promote_version(
     params: Params,
     adapter_version: str,
     gate: EvalGate | None = None,
     verdicts: tuple[bool | None, bool | None] | None = None,
     force_reason: str | None = None,
+    evaluated_on: EvalSet | None = None,
 ) -> PromotionReport:
     """Run the gates on adapter version `adapter_version` (and its merged twin); move `champion` if they pass.
 
-    `gate` and `verdicts` (validation, coverage) default to the version's own tags. `force_reason` promotes despite
-    failed gates and records who, when and why as version tags. Returns the promotion report.
+    `gate`, `verdicts` (validation, coverage) and `evaluated_on` (what the gate was measured on) default to the
+    version's own tags. `force_reason` promotes despite failed gates and records who, when and why as version tags.
+    A version a killed register stage left half registered is refused, even by force. Returns the promotion report.
     """
     client = open_registry(params)
     names = params.register
     try:
-        tags = client.get_model_version(names.adapter_name, adapter_version).tags
-        merged_version = merged_twin(client, params, adapter_version)
+        adapter = client.get_model_version(names.adapter_name, adapter_version)
+        tags = adapter.tags
+        merged_version = tags.get("merged_version")  # its twin, registered from the same run (None: none)
+        twin = client.get_model_version(names.merged_name, merged_version) if merged_version else None
+        for entry in (adapter, twin):
+            if entry is not None and not usable(entry):
+                why = entry.tags.get(ABANDONED_REASON_TAG, f"status {entry.status}")
+                raise RegistryError(f"{entry.name} v{entry.version} is not fully registered ({why}): not promoted")
         champion = current_champion(client, names.adapter_name)
         before = {name: alias_version(client, name, CHAMPION) for name in (names.adapter_name, names.merged_name)}
     except RegistryError:
@@ -147,7 +151,13 @@ def promote_version(
     except Exception as error:
         raise RegistryError(f"cannot read version {adapter_version} of {names.adapter_name}: {error}") from error
     validation, coverage = verdicts or (tags.get("validation_success"), tags.get("coverage_passed"))
-    candidate, base = candidate_from_gate(gate or EvalGate.from_tags(tags), validation, coverage, str(adapter_version))
+    candidate, base = candidate_from_gate(
+        gate or EvalGate.from_tags(tags),
+        validation,
+        coverage,
+        str(adapter_version),
+        evaluated_on=evaluated_on or EvalSet.from_tags(tags),
+    )
     verdict = should_promote(candidate, base, champion, params.promote)
     if merged_version is None:
         reason = f"FAIL merged_registered: adapter v{adapter_version} has no merged version (register.register_merged)"
@@ -240,4 +250,5 @@ def run(params: Params) -> PromotionReport:
         registration.adapter.version,
         gate=EvalReport.read(reports).gate,
         verdicts=(validation.success, train.coverage_passed),
+        evaluated_on=EvalSet.from_tags(registration.tags),  # as the register stage recorded it from eval.json
     )
