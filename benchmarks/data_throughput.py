@@ -11,7 +11,9 @@ under 60 s and under 2 GB for the two stages.
 
 Progress (the stages' own logs, with the format stage's rows/s and ETA) goes to stderr; stdout gets a short table,
 then its last line is one JSON object with `rows`, `seconds` (validate + format wall time), `rows_per_s`,
-`peak_rss_mb` (largest stage process) and per-stage figures read from the stages' typed reports.
+`peak_rss_mb` (largest stage process) and per-stage figures read from the stages' typed reports, with the sha256 of
+each formatted file (`format.output_sha256`: the synthetic source is deterministic, so a change to how format works
+must leave them as they were).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ def run_stage(root: Path, stage: str) -> dict[str, float]:
 
 def main() -> None:
     from medlora.core.contracts import FormatReport, ValidationReport
+    from medlora.core.io import sha256_file
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=None, help=f"rows in all three splits (default {FULL_ROWS:,})")
@@ -116,6 +119,9 @@ def main() -> None:
         validation = ValidationReport.read(root / "reports")
         formatted = run_stage(root, "format")
         format_report = FormatReport.read(root / "reports")
+        # The bytes of what format wrote: a faster format must leave these unchanged.
+        out = root / "outputs" / "formatted"
+        output_sha256 = {path.name: sha256_file(path) for path in sorted(out.glob("*.jsonl"))}
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -143,6 +149,7 @@ def main() -> None:
             "early_stop_rows": format_report.early_stop_rows,
             "rows_per_s": round(format_report.rows_in / formatted["seconds"], 1),
             "in_stage_rows_per_s": format_report.rows_per_second,  # the stage's own timing, without start-up
+            "output_sha256": output_sha256,
         },
         "target": TARGET,
         # The targets are for the full size; a smaller run cannot meet or miss them.

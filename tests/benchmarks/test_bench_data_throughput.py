@@ -23,6 +23,8 @@ def test_data_throughput_smoke(run_benchmark, tmp_path):
     assert formatted["rows_kept"] + formatted["rows_dropped"] <= formatted["rows_in"]
     assert formatted["train_rows"] + formatted["early_stop_rows"] == formatted["rows_kept"]
     assert formatted["train_rows"] > 0 and formatted["early_stop_rows"] > 0
+    assert set(formatted["output_sha256"]) == {"train.jsonl", "early_stop.jsonl"}
+    assert all(len(digest) == 64 for digest in formatted["output_sha256"].values())
 
     for stage in (validate, formatted):
         assert stage["seconds"] > 0 and stage["rows_per_s"] > 0 and stage["peak_rss_mb"] > 0

@@ -38,6 +38,8 @@ def edit(row: dict, **changes) -> dict:
 # (split, row index, changes, expected rules): one bad row per case, so a rule that fires on the wrong row shows.
 FLAGGED = [
     ("train", 0, {"cop": "2"}, {"schema_types"}),
+    ("train", 18, {"cop": True}, {"schema_types"}),  # a bool is an int to Python, not a label
+    ("train", 19, {"cop": 1.0}, {"schema_types"}),
     ("train", 1, {"question": 12345}, {"schema_types"}),
     ("train", 2, {"opb": None}, {"not_null"}),
     ("train", 3, {"subject_name": None}, {"not_null"}),

@@ -219,3 +219,244 @@ def test_early_stop_larger_than_train_is_an_error(tmp_path, tiny_base_dir):
             validated / "train.jsonl", tiny_base_dir, tmp_path / "out", replace(CONFIG, early_stopping_size=500)
         )
     assert not (tmp_path / "out").exists()
+
+
+# ---- The fast path (issue 11 item 15): the same bytes as apply_chat_template(..., return_assistant_tokens_mask=True)
+
+# Text that could trip a segment cut: newlines after every kind of character, CR, tabs, Unicode spaces, non-ASCII,
+# special tokens spelled out in the content, quotes and backslashes (JSON escaping), leading/trailing newlines.
+EDGE_TEXTS = [
+    "Which drug causes\ncinchonism?",
+    "Line one\r\nline two\n\rthree",
+    "Tabbed\tquestion\t?\n\tindented",
+    "trailing spaces  \nnext line \n",
+    "Temperature of 37 °C – μg dose?\n≥ 5 mmol/L",
+    "Emoji 🙂 and 漢字\n中文\nनमस्ते",
+    "nbsp\u00a0\nafter nbsp\u2003\nem space",
+    "line\u2028separator\u0085next",
+    "a literal <|im_end|> token\n<|im_start|>user\nfake turn",
+    "\n\nleading newlines",
+    "x\n \n y\n\n\n\nz",
+    "quotes \"double\" and 'single' and \\backslash\\ and /slash/",
+    "control \x0b\x0c\x1c chars\nend",
+    "ﬁ ligature, e\u0301 combining, İ dotted",
+    "It's they'll we've I'd\n's 're",
+    "numbers 12345 3.14\n-7\n1e10",
+    "<img src='x.png'>\n</li><a href=\"#\">",
+]
+
+
+def edge_rows() -> list[dict]:
+    """Rows carrying every edge text as question, as an option and as explanation, answers A-D in turn."""
+    rows = []
+    for i, text in enumerate(EDGE_TEXTS):
+        base = example_rows(4)[i % 4]
+        rows.append({**base, "id": f"edge-q-{i}", "question": text, "cop": i % 4})
+        rows.append({**base, "id": f"edge-o-{i}", "opb": text, "opc": text.strip() or "x", "cop": (i + 1) % 4})
+        rows.append({**base, "id": f"edge-e-{i}", "exp": text, "cop": (i + 2) % 4})
+    rows.append({**example_rows(1)[0], "id": "edge-empty-exp", "exp": "   \n ", "cop": 3})
+    return rows
+
+
+def reference_encoded(rows, tokenizer, config) -> list[tuple[list[int], list[int]]]:
+    """The slow reference, written out here: apply_chat_template with the assistant mask through render_chat, or
+    (no generation marks) mask_by_prompt_prefix."""
+    from medlora.modeling.formatting import mask_by_prompt_prefix
+    from medlora.modeling.prompts import render_chat, training_messages
+    from medlora.modeling.tokenizer import has_generation_marks
+
+    conversations = [training_messages(row, config.system_prompt, config.include_explanation) for row in rows]
+    if has_generation_marks(tokenizer):
+        out = render_chat(tokenizer, conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        return [(list(ids), list(mask)) for ids, mask in zip(out["input_ids"], out["assistant_masks"], strict=True)]
+    return [mask_by_prompt_prefix(messages, tokenizer) for messages in conversations]
+
+
+def reference_lines(rows, tokenizer, config) -> tuple[list[tuple[str, str]], dict]:
+    """What format_rows wrote before the fast path: the reference examples, fit_to_length, json.dumps, counts."""
+    from medlora.modeling.formatting import is_labeled, length_stats
+    from medlora.modeling.prompts import training_messages
+
+    labeled = [row for row in rows if is_labeled(row)]
+    kept, lengths, answers, outcomes, dropped = (
+        [],
+        [],
+        [],
+        dict.fromkeys(("kept", "truncated", "too_long", "answer_cut"), 0),
+        [],
+    )
+    for row, (ids, mask) in zip(labeled, reference_encoded(labeled, tokenizer, config), strict=True):
+        messages = training_messages(row, config.system_prompt, config.include_explanation)
+        example = {"id": row["id"], "messages": messages, "input_ids": ids, "completion_mask": mask}
+        fitted, outcome = fit_to_length(example, config.max_length, config.on_overflow)
+        outcomes[outcome] += 1
+        if fitted is None:
+            dropped.append(row["id"])
+            continue
+        kept.append((row["id"], json.dumps(fitted, ensure_ascii=False, separators=(",", ":"))))
+        lengths.append(len(fitted["input_ids"]))
+        answers.append(sum(fitted["completion_mask"]))
+    return kept, {
+        "rows_in": len(rows),
+        "rows_kept": len(kept),
+        "rows_dropped": outcomes["too_long"] + outcomes["answer_cut"],
+        "rows_truncated": outcomes["truncated"],
+        "unlabeled_skipped": len(rows) - len(labeled),
+        "dropped_by_reason": {"too_long": outcomes["too_long"], "answer_cut": outcomes["answer_cut"]},
+        "dropped_ids": dropped[:10],
+        "token_lengths": length_stats(lengths),
+        "completion_tokens": length_stats(answers),
+    }
+
+
+def assert_same_as_reference(rows, tokenizer, config) -> None:
+    from medlora.modeling.formatting import format_rows, is_labeled, render_examples
+
+    labeled = [row for row in rows if is_labeled(row)]
+    expected = reference_encoded(labeled, tokenizer, config)
+    examples = render_examples(labeled, tokenizer, config)
+    for row, example, (ids, mask) in zip(labeled, examples, expected, strict=True):
+        assert (example["input_ids"], example["completion_mask"]) == (ids, mask), row["id"]
+    # The stage's own loop, in small chunks so that the segment cache is reused across chunks.
+    assert format_rows(rows, tokenizer, config, chunk_size=37) == reference_lines(rows, tokenizer, config)
+
+
+def generation_marked_thinking_template() -> str:
+    """A template with generation marks whose output depends on enable_thinking (as Nemotron-3's does)."""
+    return CHATML_TEMPLATE.replace(
+        "{%- generation %}",
+        "{%- generation %}{%- if enable_thinking is not defined or enable_thinking %}{{- '<think>\\n' }}{%- endif %}",
+    )
+
+
+@pytest.fixture
+def retokenized(tiny_base_dir):
+    """Variants of the tiny tokenizer: a template without marks, a thinking template with marks, and a
+    pre-tokenizer that adds a prefix space (which the newline cut must not be trusted with)."""
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    def load(template=None, prefix_space=False):
+        tokenizer = AutoTokenizer.from_pretrained(tiny_base_dir)
+        if template is not None:
+            tokenizer.chat_template = template
+        if prefix_space:
+            tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        return tokenizer
+
+    return load
+
+
+@pytest.mark.parametrize("include_explanation", [False, True])
+@pytest.mark.parametrize("variant", ["marks", "no-marks", "thinking-marks", "prefix-space"])
+def test_fast_path_matches_the_reference_on_edge_rows(retokenized, variant, include_explanation):
+    from medlora.modeling.formatting import line_segmentable
+
+    tokenizer = {
+        "marks": lambda: retokenized(),
+        "no-marks": lambda: retokenized(NO_MARKS_TEMPLATE),
+        "thinking-marks": lambda: retokenized(generation_marked_thinking_template()),
+        "prefix-space": lambda: retokenized(prefix_space=True),
+    }[variant]()
+    assert line_segmentable(tokenizer) is (variant != "prefix-space")
+    rows = edge_rows() + example_rows(120) + [{**example_rows(1)[0], "id": "unlabeled", "cop": -1}]
+    assert_same_as_reference(rows, tokenizer, replace(CONFIG, include_explanation=include_explanation))
+
+
+@pytest.mark.parametrize("on_overflow", ["drop", "truncate"])
+def test_fast_path_matches_the_reference_when_rows_overflow(tokenizer, on_overflow):
+    rows = edge_rows() + example_rows(40)
+    config = replace(CONFIG, include_explanation=True, max_length=60, on_overflow=on_overflow)
+    assert_same_as_reference(rows, tokenizer, config)
+
+
+def test_fast_path_matches_the_reference_with_the_replica_thinking_template():
+    """The production template's behaviour (no generation marks, <think></think>, always a system block) on the
+    offline replica's tokenizer: the prompt-prefix path."""
+    from medlora.modeling.replica import train_replica_tokenizer
+
+    tokenizer = train_replica_tokenizer(2048)
+    rows = edge_rows() + example_rows(60)
+    assert_same_as_reference(rows, tokenizer, replace(CONFIG, include_explanation=True))
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("include_explanation", [False, True])
+def test_fast_path_matches_the_reference_on_real_medmcqa(
+    tokenizer, unmarked_tokenizer, shared_medmcqa, include_explanation
+):
+    """Real rows: HTML, newlines, tabs, non-ASCII, explanations up to 7.7k characters (and some over max_length)."""
+    from medlora.core.io import read_jsonl
+
+    rows = read_jsonl(shared_medmcqa / "dev.jsonl") + read_jsonl(shared_medmcqa / "train_sample.jsonl")
+    config = replace(CONFIG, include_explanation=include_explanation)
+    assert_same_as_reference(rows, tokenizer, config)
+    assert_same_as_reference(rows[::7], unmarked_tokenizer, config)
+
+
+def test_newline_cut_tokenizes_like_the_whole_text(tokenizer):
+    """The claim the segment cache rests on, fuzzed: cut before a newline that follows printable ASCII, the pieces'
+    tokens end to end are the text's tokens."""
+    from medlora.modeling.formatting import split_at_newlines
+
+    specials = ["\u00a0", "é", "°", "🙂", "<|im_end|>", "<|im_start|>", "\u2028", "漢"]
+    alphabet = [*"aZ1?.>)-'\" \t\r\n\n\n", *specials]
+    generator = random.Random(11)
+    for _ in range(3000):
+        text = "".join(generator.choice(alphabet) for _ in range(generator.randint(1, 40)))
+        pieces = split_at_newlines(text)
+        assert "".join(pieces) == text
+        joined = [i for piece in pieces for i in tokenizer(piece, add_special_tokens=False)["input_ids"]]
+        assert joined == tokenizer(text, add_special_tokens=False)["input_ids"], repr(text)
+
+
+def test_format_never_tokenizes_through_apply_chat_template(tokenizer, monkeypatch):
+    """The fast path tokenizes each distinct segment once (the system turn once for all rows), never a whole
+    conversation through apply_chat_template(tokenize=True): that was 3/4 of the stage's time."""
+    from medlora.modeling import formatting
+
+    calls = []
+    original = tokenizer.apply_chat_template
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("tokenize", True))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "apply_chat_template", spy)
+    segmenters = []
+    monkeypatch.setattr(
+        formatting, "make_segmenter", lambda tok: segmenters.append(formatting.SegmentTokenizer(tok)) or segmenters[-1]
+    )
+    formatting.format_rows(example_rows(200), tokenizer, CONFIG, chunk_size=50)
+    assert True not in calls
+    (segmenter,) = segmenters
+    system = [piece for piece in segmenter.entries if CONFIG.system_prompt in piece]
+    assert len(system) == 1  # 200 rows, one system-turn segment tokenized
+    assert len(segmenter.entries) < 200
+
+
+def test_fast_renderer_renders_as_render_chat(retokenized):
+    """render_with_generation_spans switches thinking off as render_chat does (the template here would open <think>)."""
+    from medlora.modeling.formatting import render_with_generation_spans
+    from medlora.modeling.prompts import render_chat, training_messages
+
+    tokenizer = retokenized(generation_marked_thinking_template())
+    conversations = [training_messages(row) for row in edge_rows()]
+    texts, spans = render_with_generation_spans(tokenizer, conversations)
+    assert texts == render_chat(tokenizer, conversations)
+    assert all("<think>" not in text for text in texts) and all(len(s) == 1 for s in spans)
+
+
+def test_tiny_tokenizer_loads_as_autotokenizer_loads_it(tiny_base_dir, tokenizer):
+    from medlora.modeling.formatting import load_tokenizer
+
+    loaded = load_tokenizer(tiny_base_dir)
+    assert type(loaded) is type(tokenizer)
+    assert loaded.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+    assert loaded.chat_template == tokenizer.chat_template
+    assert loaded.special_tokens_map == tokenizer.special_tokens_map
+    assert loaded.init_kwargs == tokenizer.init_kwargs
+    texts = [text for row in edge_rows() for text in (row["question"], row["opb"])]
+    assert (
+        loaded(texts, add_special_tokens=False)["input_ids"] == tokenizer(texts, add_special_tokens=False)["input_ids"]
+    )

@@ -118,6 +118,8 @@ def test_gpu_check_runs_before_any_weights_load(tmp_path, tiny_base_dir, formatt
     from medlora.training.train import run as train
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    a100 = type("Properties", (), {"total_memory": 80 * 2**30, "name": "fake A100"})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: a100)  # the memory plan reads it
     monkeypatch.setattr(backends, "load_peft_model", lambda *a, **k: pytest.fail("weights loaded before the check"))
     monkeypatch.setattr("accelerate.PartialState.__init__", lambda self, cpu=False: None)
     monkeypatch.setattr("accelerate.PartialState.is_main_process", True, raising=False)

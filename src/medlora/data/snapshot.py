@@ -9,6 +9,10 @@ unlabeled) plus `manifest.json` (source, revision, row counts, sha256 per file).
 overlap it). `restore` brings a fresh clone back to what `data.dvc` records without a DVC remote: the synthetic
 source is deterministic and DVC's directory md5 depends only on file names and bytes, so regenerating it
 reproduces the recorded md5 exactly, which `dvc status` then confirms.
+
+Every source row becomes one snapshot row: a malformed value (a `cop` outside 1-4 in the original release, a
+field missing from a hub row) is carried null or as read, so that the validate stage's suite quarantines the row
+under its rule and counts it. Only a file that cannot be parsed at all stops the import (file and line named).
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from medlora.data.schema import read_jsonl_rows, split_path
 log = logging.getLogger(__name__)
 
 ORIGINAL_FILES = {"train": "train.json", "validation": "dev.json", "test": "test.json"}
-ORIGINAL_REQUIRED = ("id", "question", "opa", "opb", "opc", "opd")
 OFFLINE_ADVICE = (
     "To snapshot the real MedMCQA, run `medlora snapshot --source hub` on a machine that can reach the hub "
     "(then commit data.dvc and `dvc push` the data), or download the original release (train.json, dev.json, "
@@ -39,42 +42,92 @@ OFFLINE_ADVICE = (
 )
 
 
-def normalize_row(row: dict[str, Any], cop: int) -> dict[str, Any]:
-    """A row in the hub schema and key order, with `cop` given; absent optional columns become null."""
+def is_integer(value: Any) -> bool:
+    """An integer label (Python or numpy), never a bool: `True` is not answer B."""
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def normalize_row(row: Any, cop: Any) -> dict[str, Any]:
+    """A row in the hub schema and key order, with `cop` given; absent columns become null.
+
+    Values are carried as read, whatever their type: judging them is the validate stage's business, so a
+    malformed row reaches its suite and is quarantined with its rule instead of stopping the import.
+    """
     normalized = {column: row.get(column) for column in COLUMNS}
     normalized["cop"] = cop
     return normalized
 
 
+def hub_cop(cop: Any) -> Any:
+    """The hub's `cop` as an int (a numpy integer from arrow included); anything else as read (null stays null,
+    `not_null` flags it; another type, `schema_types`)."""
+    return int(cop) if is_integer(cop) else cop
+
+
 def normalize_hub_rows(rows: Any) -> list[dict[str, Any]]:
-    """Hub rows (a `datasets.Dataset` or any iterable of mappings) in schema key order, `cop` as int."""
-    return [normalize_row(row, int(row["cop"])) for row in rows]
+    """Hub rows (a `datasets.Dataset` or any iterable of mappings) in schema key order, an integer `cop` as int.
+
+    A row missing a field, or with a value of the wrong type, is carried with it null or as read (see
+    `normalize_row`): the validate stage quarantines it and counts it.
+    """
+    return [normalize_row(row, hub_cop(row.get("cop"))) for row in rows]
 
 
-def normalize_original_rows(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+def original_cop(cop: Any, unlabeled_allowed: bool) -> Any:
+    """The hub's `cop` for an original-release `cop` that is present (1-4 -> 0-3).
+
+    A value the format cannot hold is carried so that the validate stage flags it, never as a label:
+      an integer outside 1-4 as `cop - 1`, like every label (5 -> 4, 0 -> -1): outside 0-3, so `cop_in_range`;
+        but where -1 is the unlabeled marker the split accepts (`unlabeled_allowed`, the test split), original 0
+        would read as "unlabeled" and pass: carried as null, so `not_null`;
+      any other type (a string, a float, a bool) as read: `schema_types`.
+    """
+    if not is_integer(cop):
+        return cop
+    shifted = int(cop) - 1
+    return None if shifted == UNLABELED_COP and unlabeled_allowed else shifted
+
+
+def normalize_original_rows(
+    rows: list[dict[str, Any]], source: str, unlabeled_allowed: bool = False
+) -> list[dict[str, Any]]:
     """Original-release rows (`cop` 1-4, absent on the unlabeled test split) in the hub schema.
 
-    An unlabeled row gets `cop` -1 and `exp` "" as the hub's test split has them. Raises ValueError naming
-    `source` and the row id for a `cop` outside 1-4: shifting it silently would invent a label.
+    An unlabeled row gets `cop` -1 and `exp` "" as the hub's test split has them. A malformed value (a `cop`
+    outside 1-4, a missing field) does not stop the import: the row is carried so that the validate stage
+    quarantines it (`original_cop`, `normalize_row`) and logged here, naming `source` and the row id;
+    `unlabeled_allowed` says whether the split may hold the unlabeled marker (the test split).
     """
     normalized = []
+    malformed = []
     for row in rows:
         cop = row.get("cop")
         if cop is None:
             row = {**row, "exp": row.get("exp") or ""}
             normalized.append(normalize_row(row, UNLABELED_COP))
-        elif isinstance(cop, int) and not isinstance(cop, bool) and 1 <= cop <= 4:
-            normalized.append(normalize_row(row, cop - 1))
-        else:
-            raise ValueError(f"{source}: row {row.get('id')!r}: cop {cop!r} is not 1-4 (original release format)")
+            continue
+        if not (is_integer(cop) and 1 <= cop <= 4):
+            malformed.append(f"{row.get('id')!r} (cop {cop!r})")
+        normalized.append(normalize_row(row, original_cop(cop, unlabeled_allowed)))
+    if malformed:
+        log.warning(
+            "%s: %d row(s) with a cop outside 1-4 (original release format), carried for the validate stage to "
+            "quarantine: %s",
+            source,
+            len(malformed),
+            ", ".join(malformed[:5]) + (", ..." if len(malformed) > 5 else ""),
+        )
     return normalized
 
 
 def read_original(directory: str | Path) -> tuple[dict[str, list[dict]], dict[str, Any]]:
     """Splits from an original-release directory (train.json, dev.json -> validation, test.json).
 
-    Returns (splits, provenance). Raises FileNotFoundError naming missing files, SnapshotParseError for a file
-    that cannot be parsed.
+    Returns (splits, provenance). Raises FileNotFoundError naming missing files, SnapshotParseError (file, line)
+    for a file that cannot be parsed at all. A row with a malformed or missing value is not a parse error: it is
+    carried into the snapshot for the validate stage to quarantine (`normalize_original_rows`).
     """
     directory = Path(directory)
     missing = [name for name in ORIGINAL_FILES.values() if not (directory / name).is_file()]
@@ -83,7 +136,8 @@ def read_original(directory: str | Path) -> tuple[dict[str, list[dict]], dict[st
     splits, inputs = {}, {}
     for split, name in ORIGINAL_FILES.items():
         path = directory / name
-        splits[split] = normalize_original_rows(read_jsonl_rows(path, ORIGINAL_REQUIRED), str(path))
+        rows = read_jsonl_rows(path, required=())
+        splits[split] = normalize_original_rows(rows, str(path), unlabeled_allowed=split == "test")
         inputs[name] = sha256_file(path)
     return splits, {"source": "original", "revision": None, "inputs": inputs}
 

@@ -18,7 +18,8 @@ Rules (each a GX expectation; `reports/validation.json` counts rows per rule):
                                  normalizing case, space and punctuation (lm-eval scores the validation split);
                                  the TRAIN copy is flagged (an exact copy counts under both rules).
 
-Wrong-typed values are checked by `schema_types` only; the content rules see them as null (GX skips nulls).
+Wrong-typed values (a bool `cop` among them) are checked by `schema_types` only; the content rules see them as
+null (GX skips nulls).
 `on_error: quarantine` moves every flagged row to `outputs/quarantine/{split}.jsonl` with its reasons and keeps
 the rest; `fail` stops the stage (after writing the report). Either way rows_in == rows_kept + rows_quarantined.
 A file that cannot be parsed at all stops the stage before any rule runs (`schema.SnapshotParseError`).
@@ -74,6 +75,7 @@ IMG_ANY = r"(?i)<img\b"
 BLANK = r"^\s*$"
 EXAMPLE_IDS = 5
 RAW = "raw:"  # prefix of the untouched columns the type and null rules read
+TYPE_OF = "type:"  # prefix of a column holding the type name of each raw value (null stays null)
 
 
 class ValidationFailed(StageFailed):
@@ -107,6 +109,9 @@ def build_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         else:
             keep = [isinstance(v, str) for v in values]
         frame[column] = values.where(keep, None)
+    # GX's type rule is an isinstance check, and to Python a bool is an int: `cop: true` would pass it, then read
+    # as answer B downstream. So cop's type is checked by name.
+    frame[f"{TYPE_OF}cop"] = [type(v).__name__ if v is not None else None for v in frame[f"{RAW}cop"]]
     frame["question_normalized"] = [normalize_question(q) if isinstance(q, str) else None for q in frame["question"]]
     return frame
 
@@ -140,8 +145,10 @@ def expectation_specs(split: str, config: ValidateConfig) -> list[tuple[str, str
     """The suite for one split as (rule, frame column, GX expectation class name, kwargs); pure, testable alone."""
     specs: list[tuple[str, str, str, dict[str, Any]]] = []
     for column in COLUMNS:
-        type_name = "int" if column == "cop" else "str"
-        specs.append(("schema_types", RAW + column, "ExpectColumnValuesToBeInTypeList", {"type_list": [type_name]}))
+        if column == "cop":  # by type name: a bool is not a label (see build_frame)
+            specs.append(("schema_types", TYPE_OF + column, "ExpectColumnValuesToBeInSet", {"value_set": ["int"]}))
+        else:
+            specs.append(("schema_types", RAW + column, "ExpectColumnValuesToBeInTypeList", {"type_list": ["str"]}))
         if column not in NULLABLE:
             specs.append(("not_null", RAW + column, "ExpectColumnValuesToNotBeNull", {}))
     cops = [UNLABELED_COP, 0, 1, 2, 3] if split == "test" else [0, 1, 2, 3]
@@ -190,7 +197,7 @@ def run_suite(context: Any, split: str, frame: pd.DataFrame, specs: list) -> dic
     batch = source.add_dataframe_asset(split).add_batch_definition_whole_dataframe(split)
     expectations = []
     for rule, column, kind, kwargs in specs:
-        meta = {"rule": rule, "column": column.removeprefix(RAW)}
+        meta = {"rule": rule, "column": column.removeprefix(RAW).removeprefix(TYPE_OF)}
         expectations.append(getattr(gx.expectations, kind)(column=column, meta=meta, **kwargs))
     # Built whole, then added once: adding expectations one by one to a stored suite re-serializes it each time.
     suite = context.suites.add(gx.ExpectationSuite(name=f"medmcqa-{split}", expectations=expectations))
