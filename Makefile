@@ -65,6 +65,7 @@ bench: setup
 	OMP_NUM_THREADS=1 python benchmarks/train_throughput.py
 	OMP_NUM_THREADS=1 python benchmarks/train_settings.py
 	OMP_NUM_THREADS=1 python benchmarks/merge_memory.py
+	OMP_NUM_THREADS=1 python benchmarks/mamba_chunk_size.py
 
 clean:
 	rm -rf outputs reports .pytest_cache
