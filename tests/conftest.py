@@ -132,3 +132,24 @@ def replica_base_dir(replica_dir, tmp_path_factory) -> Path:
     config = ModelConfig(preset="nemotron-3-nano-30b-a3b", name_or_path=str(replica_dir), torch_dtype="bfloat16")
     build_base_model(config, example_rows(40), out)
     return out
+
+
+def stage_env(**extra: str) -> dict[str, str]:
+    """The environment end-to-end tests run `dvc`/`medlora` in: this venv first on PATH, offline, quiet, one thread,
+    a git identity, and no MLflow store or DVC experiment inherited from the caller."""
+    import sys
+
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.com",
+        "GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@example.com",
+        **extra,
+    }  # fmt: skip
+    for variable in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
+        env.pop(variable, None)
+    return env

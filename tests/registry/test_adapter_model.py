@@ -24,8 +24,8 @@ import torch
 import yaml
 
 from medlora.core.config import RegisterConfig
-from medlora.modeling.base_model import BASE_REFERENCE_FILE, BaseModelUnavailable, load_base_model
-from registry.test_register import ADAPTER, gate, max_diff, pipeline_run, project_params
+from medlora.modeling.base_model import BASE_REFERENCE_FILE, BaseModelUnavailable
+from registry.test_register import ADAPTER, build_outputs, gate, max_diff, pipeline_run, project_params
 
 PROMPT = "Question: Which drug causes cinchonism?\nAnswer:"
 NEW_TOKENS = 6
@@ -69,27 +69,9 @@ print("RESULT " + json.dumps({
 
 
 def build_run(base_dir: Path, out: Path, seed: int) -> dict:
-    """A random-init LoRA adapter (saved as the train stage does), its merged copy, and what the in-memory
-    PeftModel computes: logits on a fixed token sequence and the greedy continuation of PROMPT."""
-    from peft import LoraConfig, get_peft_model
-
-    from medlora.registry.adapter_pyfunc import generate
-
-    model, tokenizer = load_base_model(base_dir)
-    torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "in_proj", "up_proj"], init_lora_weights=False)
-    peft_model = get_peft_model(model, config).eval()
-    adapter_dir, merged_dir = out / "adapter", out / "merged"
-    peft_model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    shutil.copy(base_dir / BASE_REFERENCE_FILE, adapter_dir / BASE_REFERENCE_FILE)
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        logits = peft_model(ids).logits
-    answer = generate(peft_model, tokenizer, [PROMPT], NEW_TOKENS)[0]
-    peft_model.merge_and_unload().save_pretrained(merged_dir)
-    tokenizer.save_pretrained(merged_dir)
-    return {"adapter": adapter_dir, "merged": merged_dir, "ids": ids, "logits": logits, "answer": answer}
+    """build_outputs (test_register) on PROMPT: the in-memory PeftModel's logits and greedy continuation."""
+    built = build_outputs(base_dir, out, seed, prompt=PROMPT, new_tokens=NEW_TOKENS)
+    return {**built, "logits": built["adapter_logits"]}
 
 
 @pytest.fixture(scope="module")

@@ -44,9 +44,14 @@ def gate(adapter: float, base: float = -8.0, p_value: float = 1e-6) -> dict:
     }
 
 
-def build_outputs(base_dir: Path, out: Path, seed: int) -> dict:
-    """A random-init LoRA adapter on the tiny base (saved as the train stage does) and its merged copy."""
+def build_outputs(
+    base_dir: Path, out: Path, seed: int, prompt: str = "Question: Which drug causes cinchonism?", new_tokens: int = 0
+) -> dict:
+    """A random-init LoRA adapter on the tiny base (saved as the train stage does) and its merged copy, with the
+    in-memory adapter model's logits on `prompt` (and its greedy continuation of `new_tokens` tokens)."""
     from peft import LoraConfig, get_peft_model
+
+    from medlora.registry.adapter_pyfunc import generate
 
     model, tokenizer = load_base_model(base_dir)
     torch.manual_seed(seed)
@@ -56,16 +61,17 @@ def build_outputs(base_dir: Path, out: Path, seed: int) -> dict:
     peft_model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)
     shutil.copy(base_dir / BASE_REFERENCE_FILE, adapter_dir / BASE_REFERENCE_FILE)
-    ids = tokenizer("Question: Which drug causes cinchonism?", return_tensors="pt").input_ids
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         adapter_logits = peft_model(ids).logits
+    answer = generate(peft_model, tokenizer, [prompt], new_tokens)[0] if new_tokens else None
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(merged_dir)
     tokenizer.save_pretrained(merged_dir)
     with torch.no_grad():
         merged_logits = merged(ids).logits
     return {"adapter": adapter_dir, "merged": merged_dir, "ids": ids, "adapter_logits": adapter_logits,
-            "merged_logits": merged_logits}  # fmt: skip
+            "merged_logits": merged_logits, "answer": answer}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

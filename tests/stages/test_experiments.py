@@ -14,16 +14,14 @@ Real DVC, peft/trl, lm-eval and MLflow at the smallest sizes that still pass the
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, stage_env
 
 pytestmark = pytest.mark.slow
 
@@ -62,19 +60,7 @@ def copy_project(target: Path) -> None:
 def sweep(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("exp") / "medlora"
     copy_project(root)
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(root / "src"),  # the stages run this project's code, as in a clone
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.com",
-        "GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@example.com",
-    }  # fmt: skip
-    for variable in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV"):
-        env.pop(variable, None)
+    env = stage_env(PYTHONPATH=str(root / "src"))  # the stages run this project's code, as in a clone
     params = yaml.safe_load((root / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)

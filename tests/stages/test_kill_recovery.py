@@ -13,13 +13,12 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, stage_env
 
 from medlora.core.contracts import EvalReport, PromotionReport, Registration, TrainReport
 from stages.test_pipeline import SMALL, run, set_params
@@ -83,11 +82,7 @@ def test_seeded_kills_over_every_stage_leave_a_consistent_pipeline_and_registry(
     import mlflow
 
     project = tmp_path / "medlora"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env |= {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env |= {"DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.com"}
-    env |= {"GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@example.com"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = stage_env()
     tracked = subprocess.run(["git", "ls-files"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
     for name in tracked.stdout.split():
         if (PROJECT_ROOT / name).is_file() and not name.startswith(("tests/", "data.dvc", "dvc.lock")):

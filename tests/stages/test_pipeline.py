@@ -7,15 +7,13 @@ Real DVC, peft/trl, lm-eval and MLflow registry; only the sizes are smaller than
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, stage_env
 
 from medlora.core.io import sha256_file
 
@@ -51,17 +49,7 @@ def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         if source.is_file() and not name.startswith(("tests/", "data.dvc", "dvc.lock")):
             (project / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, project / name)
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DVC_NO_ANALYTICS": "1",
-        "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.com",
-        "GIT_COMMITTER_NAME": "ci", "GIT_COMMITTER_EMAIL": "ci@example.com",
-    }  # fmt: skip
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = stage_env()
     set_params(project, SMALL)
     run(["git", "init", "-q"], project, env)
     run(["medlora", "snapshot", "--source", "synthetic"], project, env)
