@@ -261,7 +261,7 @@ def edge_rows() -> list[dict]:
 def reference_encoded(rows, tokenizer, config) -> list[tuple[list[int], list[int]]]:
     """The slow reference, written out here: apply_chat_template with the assistant mask through render_chat, or
     (no generation marks) mask_by_prompt_prefix."""
-    from medlora.modeling.formatting import mask_by_prompt_prefix
+    from medlora.modeling.chat_encoding import mask_by_prompt_prefix
     from medlora.modeling.prompts import render_chat, training_messages
     from medlora.modeling.tokenizer import has_generation_marks
 
@@ -350,7 +350,7 @@ def retokenized(tiny_base_dir):
 @pytest.mark.parametrize("include_explanation", [False, True])
 @pytest.mark.parametrize("variant", ["marks", "no-marks", "thinking-marks", "prefix-space"])
 def test_fast_path_matches_the_reference_on_edge_rows(retokenized, variant, include_explanation):
-    from medlora.modeling.formatting import line_segmentable
+    from medlora.modeling.chat_encoding import line_segmentable
 
     tokenizer = {
         "marks": lambda: retokenized(),
@@ -397,7 +397,7 @@ def test_fast_path_matches_the_reference_on_real_medmcqa(
 def test_newline_cut_tokenizes_like_the_whole_text(tokenizer):
     """The claim the segment cache rests on, fuzzed: cut before a newline that follows printable ASCII, the pieces'
     tokens end to end are the text's tokens."""
-    from medlora.modeling.formatting import split_at_newlines
+    from medlora.modeling.chat_encoding import split_at_newlines
 
     specials = ["\u00a0", "é", "°", "🙂", "<|im_end|>", "<|im_start|>", "\u2028", "漢"]
     alphabet = [*"aZ1?.>)-'\" \t\r\n\n\n", *specials]
@@ -413,7 +413,7 @@ def test_newline_cut_tokenizes_like_the_whole_text(tokenizer):
 def test_format_never_tokenizes_through_apply_chat_template(tokenizer, monkeypatch):
     """The fast path tokenizes each distinct segment once (the system turn once for all rows), never a whole
     conversation through apply_chat_template(tokenize=True): that was 3/4 of the stage's time."""
-    from medlora.modeling import formatting
+    from medlora.modeling import chat_encoding, formatting
 
     calls = []
     original = tokenizer.apply_chat_template
@@ -425,7 +425,9 @@ def test_format_never_tokenizes_through_apply_chat_template(tokenizer, monkeypat
     monkeypatch.setattr(tokenizer, "apply_chat_template", spy)
     segmenters = []
     monkeypatch.setattr(
-        formatting, "make_segmenter", lambda tok: segmenters.append(formatting.SegmentTokenizer(tok)) or segmenters[-1]
+        formatting,
+        "make_segmenter",
+        lambda tok: segmenters.append(chat_encoding.SegmentTokenizer(tok)) or segmenters[-1],
     )
     formatting.format_rows(example_rows(200), tokenizer, CONFIG, chunk_size=50)
     assert True not in calls
@@ -437,7 +439,7 @@ def test_format_never_tokenizes_through_apply_chat_template(tokenizer, monkeypat
 
 def test_fast_renderer_renders_as_render_chat(retokenized):
     """render_with_generation_spans switches thinking off as render_chat does (the template here would open <think>)."""
-    from medlora.modeling.formatting import render_with_generation_spans
+    from medlora.modeling.chat_encoding import render_with_generation_spans
     from medlora.modeling.prompts import render_chat, training_messages
 
     tokenizer = retokenized(generation_marked_thinking_template())
