@@ -73,13 +73,13 @@ def shared_medmcqa() -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _no_inherited_tracking_uri(monkeypatch):
+def _no_inherited_tracking_uri():
     """mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into os.environ; one test's store must not leak into the
     next test (or the stage subprocesses it starts). Tests that want a server set it themselves.
 
     Cleared after each test too: a module-scoped fixture is set up before the next test's own clean-up runs, and
     would otherwise log into the previous test's store."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # not monkeypatch: its undo would put a leaked value back
     yield
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
