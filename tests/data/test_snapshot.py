@@ -325,3 +325,22 @@ def test_restore_pulls_a_non_synthetic_snapshot_from_a_remote(repo, tmp_path):
     shutil.rmtree(repo / ".dvc" / "cache")
     assert restore(SnapshotConfig(**{**SMALL, "source": "hub"}), "data/medmcqa") == "pull"
     assert json.loads(dvc("status", "--json", "data.dvc", cwd=repo).stdout) == {}
+
+
+def test_restore_repairs_the_rwlock_a_killed_dvc_left_half_written(tmp_path, monkeypatch):
+    """DVC rewrites .dvc/tmp/rwlock in place; a SIGKILL mid-write makes every later dvc command fail."""
+    from medlora.data.snapshot import repair_dvc_state, run_dvc
+
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    run_dvc("init", "-q")
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hi > out.txt\n    outs: [out.txt]\n")
+    rwlock = tmp_path / ".dvc" / "tmp" / "rwlock"
+    rwlock.parent.mkdir(parents=True, exist_ok=True)
+    rwlock.write_text('{"write": {"outputs/adapter": {"pid": 1234')  # cut off by the kill
+    failed = run_dvc("repro", check=False)
+    assert failed.returncode != 0 and "RWLock-file" in failed.stdout + failed.stderr  # what the user would meet
+    assert repair_dvc_state() == [str(Path(".dvc/tmp/rwlock"))]
+    assert run_dvc("repro", check=False).returncode == 0 and (tmp_path / "out.txt").read_text() == "hi\n"
+    rwlock.write_text('{"write": {}, "read": {}}')
+    assert repair_dvc_state() == [] and rwlock.exists()  # a readable lock file is DVC's business

@@ -253,6 +253,26 @@ def take_snapshot(
     return manifest
 
 
+def repair_dvc_state(root: str | Path = ".") -> list[str]:
+    """Undo what a killed DVC leaves that stops every later `dvc` command; returns what was repaired.
+
+    DVC rewrites `.dvc/tmp/rwlock` in place (dvc/rwlock.py), so a SIGKILL mid-write can leave half a JSON document,
+    and from then on each command fails with "Unable to read RWLock-file ... JSON structure is corrupted". The file
+    only lists which processes read or write which outputs; an unreadable one protects nothing (its processes are
+    dead: a live one would have finished the write), so it is removed.
+    """
+    rwlock = Path(root) / ".dvc" / "tmp" / "rwlock"
+    if not rwlock.is_file():
+        return []
+    try:
+        json.loads(rwlock.read_text(encoding="utf-8") or "{}")
+        return []
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        rwlock.unlink()
+        log.warning("removed %s: a killed DVC left it half-written, and every dvc command would refuse to run", rwlock)
+        return [str(rwlock)]
+
+
 def restore(config: SnapshotConfig, data_dir: str | Path) -> str:
     """Make the snapshot match its .dvc file; returns how: "clean", "checkout" (DVC cache), "pull" (a DVC
     remote, when one is configured) or "regenerated" (synthetic source, no cache or remote needed).
@@ -265,6 +285,7 @@ def restore(config: SnapshotConfig, data_dir: str | Path) -> str:
     dvc_file = Path(f"{tracked}.dvc")
     if not dvc_file.is_file():
         raise FileNotFoundError(f"{dvc_file} not found: run `medlora snapshot` to create the snapshot first")
+    repair_dvc_state()  # `make run` after a kill: DVC itself must be able to run first
     if dvc_status_clean(dvc_file):
         log.info("%s matches %s: nothing to restore", tracked, dvc_file)
         return "clean"
