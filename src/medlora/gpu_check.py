@@ -38,6 +38,21 @@ CHANGES: dict[str, dict[str, Any]] = {
 KERNELS = ("mamba_ssm", "causal_conv1d", "bitsandbytes")
 
 
+CLONE_LEAVES_OUT = ("tests/", "data.dvc", "dvc.lock")  # what a scratch project starts without: no tests, no DVC state
+
+
+def copy_tracked_files(source: str | Path, target: str | Path, leave_out: tuple[str, ...] = CLONE_LEAVES_OUT) -> Path:
+    """`source`'s git-tracked files, as a fresh clone has them, copied into `target` but the names starting with
+    `leave_out`; returns `target`. The end-to-end tests build their scratch projects with it too."""
+    source, target = Path(source), Path(target)
+    tracked = subprocess.run(["git", "ls-files"], cwd=source, capture_output=True, text=True, check=True).stdout
+    for name in tracked.split():
+        if (source / name).is_file() and not name.startswith(leave_out):
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, target / name)
+    return target
+
+
 def replica_project(
     source: str | Path, root: str | Path, size: str = "tiny", changes: dict[str, dict[str, Any]] | None = None
 ) -> tuple[Path, Path]:
@@ -47,11 +62,7 @@ def replica_project(
 
     source, root = Path(source), Path(root)
     project, replica = root / "medlora", root / "replica"
-    tracked = subprocess.run(["git", "ls-files"], cwd=source, capture_output=True, text=True, check=True).stdout
-    for name in tracked.split():
-        if (source / name).is_file() and not name.startswith(("tests/", "data.dvc", "dvc.lock")):
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / name, project / name)
+    copy_tracked_files(source, project)
     params = yaml.safe_load((source / PRODUCTION_PARAMS).read_text(encoding="utf-8"))
     params["model"]["name_or_path"] = str(replica)
     for section, values in (CHANGES if changes is None else changes).items():

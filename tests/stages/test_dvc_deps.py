@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from conftest import PROJECT_ROOT
 from medlora.core.imports import import_closure
+from medlora.gpu_check import copy_tracked_files
 
 STAGES = ("params", "validate", "model", "format", "train", "merge", "evaluate", "register", "promote")
 EDITED = {
@@ -26,12 +26,7 @@ EDITED = {
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """The tracked files only, as a fresh clone has them (no data, no outputs)."""
-    root = tmp_path_factory.mktemp("deps") / "medlora"
-    tracked = subprocess.run(["git", "ls-files"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
-    for name in tracked.stdout.split():
-        if (PROJECT_ROOT / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT_ROOT / name, root / name)
+    root = copy_tracked_files(PROJECT_ROOT, tmp_path_factory.mktemp("deps") / "medlora", leave_out=())
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     return root
 

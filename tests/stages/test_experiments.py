@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from tests.conftest import PROJECT_ROOT, stage_env
+
+from medlora.gpu_check import copy_tracked_files
 
 pytestmark = pytest.mark.slow
 
@@ -41,19 +42,8 @@ def run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 900) -
 
 
 def copy_project(target: Path) -> None:
-    """The project's files as a clone (plus files not yet committed) has them, without tests, data or lock."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for name in listed:
-        source = PROJECT_ROOT / name
-        if source.is_file() and not name.startswith(("tests/", "data.dvc", "dvc.lock")):
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / name)
+    """The project's files as a clone has them, without tests, data or lock."""
+    copy_tracked_files(PROJECT_ROOT, target)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import yaml
 from tests.conftest import PROJECT_ROOT, stage_env
 
 from medlora.core.contracts import EvalReport, PromotionReport, Registration, TrainReport
+from medlora.gpu_check import copy_tracked_files
 from stages.test_pipeline import SMALL, run, set_params
 
 pytestmark = pytest.mark.slow
@@ -89,13 +90,8 @@ def repro_killed_in(project: Path, env: dict[str, str], stage: str, seconds: flo
 def test_seeded_kills_over_every_stage_leave_a_consistent_pipeline_and_registry(tmp_path):
     import mlflow
 
-    project = tmp_path / "medlora"
+    project = copy_tracked_files(PROJECT_ROOT, tmp_path / "medlora")
     env = stage_env()
-    tracked = subprocess.run(["git", "ls-files"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
-    for name in tracked.stdout.split():
-        if (PROJECT_ROOT / name).is_file() and not name.startswith(("tests/", "data.dvc", "dvc.lock")):
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            (project / name).write_bytes((PROJECT_ROOT / name).read_bytes())
     set_params(project, TINY)
     for command in (["git", "init", "-q"], ["medlora", "snapshot", "--source", "synthetic"], ["git", "add", "-A"],
                     ["git", "commit", "-qm", "kill test"]):  # fmt: skip

@@ -4,7 +4,6 @@ other stage's outputs as they were (before: the train stage's own parse failed a
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +11,11 @@ from pathlib import Path
 import yaml
 
 from conftest import PROJECT_ROOT
+from medlora.gpu_check import copy_tracked_files
 
 
 def test_a_params_typo_stops_dvc_repro_before_any_stage_touches_its_outputs(tmp_path):
-    project = tmp_path / "medlora"
-    tracked = subprocess.run(["git", "ls-files"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
-    for name in tracked.stdout.split():
-        if (PROJECT_ROOT / name).is_file() and not name.startswith("tests/"):
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(PROJECT_ROOT / name, project / name)
+    project = copy_tracked_files(PROJECT_ROOT, tmp_path / "medlora", leave_out=("tests/",))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env |= {"DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "ci", "GIT_AUTHOR_EMAIL": "ci@example.com"}
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)

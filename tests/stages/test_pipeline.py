@@ -7,7 +7,6 @@ Real DVC, peft/trl, lm-eval and MLflow registry; only the sizes are smaller than
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import yaml
 from tests.conftest import PROJECT_ROOT, stage_env
 
 from medlora.core.io import sha256_file
+from medlora.gpu_check import copy_tracked_files
 
 pytestmark = pytest.mark.slow
 
@@ -42,13 +42,7 @@ def set_params(project: Path, overrides: dict) -> None:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A copy of the tracked project files in a new git repo (what a clone has), with small params."""
-    project = tmp_path_factory.mktemp("e2e") / "medlora"
-    tracked = subprocess.run(["git", "ls-files"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
-    for name in tracked.stdout.split():
-        source = PROJECT_ROOT / name
-        if source.is_file() and not name.startswith(("tests/", "data.dvc", "dvc.lock")):
-            (project / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, project / name)
+    project = copy_tracked_files(PROJECT_ROOT, tmp_path_factory.mktemp("e2e") / "medlora")
     env = stage_env()
     set_params(project, SMALL)
     run(["git", "init", "-q"], project, env)
